@@ -1,0 +1,24 @@
+"""The multi-task U-Net: a shared encoder, a segmentation decoder and a classification head."""
+
+from .blocks import DoubleConv, DownBlock, UpBlock
+from .checkpoints import CheckpointMismatchError, load_network_weights, segmentation_state_dict
+from .classification_head import ClassificationHead
+from .decoder import UNetDecoder
+from .encoder import UNetEncoder
+from .multi_task import MultiTaskModel, SegmentationUNet, create_multi_task_model, create_segmentation_unet
+
+__all__ = [
+    "CheckpointMismatchError",
+    "ClassificationHead",
+    "DoubleConv",
+    "DownBlock",
+    "MultiTaskModel",
+    "SegmentationUNet",
+    "UNetDecoder",
+    "UNetEncoder",
+    "UpBlock",
+    "create_multi_task_model",
+    "create_segmentation_unet",
+    "load_network_weights",
+    "segmentation_state_dict",
+]
