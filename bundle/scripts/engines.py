@@ -1,0 +1,116 @@
+"""Iteration functions for MONAI's SupervisedTrainer / SupervisedEvaluator that serve every training stage.
+
+A batch says what it can be trained on: a BraTS batch carries a ``label`` mask (segmentation) and a ``cls`` target,
+a Kaggle batch only ``cls``. A step runs the tasks that are both enabled for the stage and labelled in the batch,
+so a classification-only batch never runs the decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+# Metadata that travels with a batch into the evaluator's output, for per-patient evaluation.
+PASSTHROUGH_KEYS = ("source", "patient", "slice", "group", "cls4")
+
+
+def freeze_batchnorm_statistics(network: nn.Module) -> None:
+    """Put every BatchNorm layer in eval mode: affine weights still learn, running statistics stay fixed.
+
+    Alternating BraTS and Kaggle batches would otherwise pull the running statistics back and forth between the
+    two domains, and evaluation would use a mixture that fits neither.
+    """
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def batch_targets(batch: Mapping[str, Any], tasks: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """The targets of the enabled tasks that this batch is labelled for."""
+    targets: dict[str, torch.Tensor] = {}
+    if "seg" in tasks and "label" in batch:
+        targets["seg"] = torch.as_tensor(batch["label"]).to(device, non_blocking=True).float()
+    if "cls" in tasks and "cls" in batch:
+        targets["cls"] = torch.as_tensor(batch["cls"]).to(device, non_blocking=True).long().view(-1)
+    return targets
+
+
+def _autocast(engine: Any, device: torch.device) -> torch.autocast:
+    kwargs = dict(getattr(engine, "amp_kwargs", None) or {})
+    kwargs.setdefault("dtype", torch.float16 if device.type == "cuda" else torch.bfloat16)
+    return torch.autocast(device.type, enabled=bool(getattr(engine, "amp", False)), **kwargs)
+
+
+class MultiTaskTrainStep:
+    """``iteration_update`` for :class:`monai.engines.SupervisedTrainer`.
+
+    The trainer's ``loss_function`` is a :class:`scripts.losses.MultiTaskLoss`, which returns the total ``loss``
+    and its terms; the step returns them (detached) as the iteration output.
+
+    Args:
+        tasks: the tasks this stage trains ("seg", "cls").
+        freeze_batchnorm: keep BatchNorm running statistics fixed while training.
+    """
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), freeze_batchnorm: bool = False) -> None:
+        self.tasks = tuple(tasks)
+        self.freeze_batchnorm = freeze_batchnorm
+
+    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = engine.state.device
+        images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
+        targets = batch_targets(batch, self.tasks, device)
+        if not targets:
+            raise ValueError(f"A batch from '{batch.get('source')}' has no target for the stage's tasks {self.tasks}.")
+        engine.network.train()
+        if self.freeze_batchnorm:
+            freeze_batchnorm_statistics(engine.network)
+        engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", True))
+        with _autocast(engine, device):
+            outputs = engine.network(images, do_seg="seg" in targets, do_cls="cls" in targets)
+            losses = engine.loss_function(outputs, targets)
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and engine.amp:
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(engine.optimizer)
+            scaler.update()
+        else:
+            losses["loss"].backward()
+            engine.optimizer.step()
+        return {name: value.detach() for name, value in losses.items()}
+
+
+class MultiTaskEvalStep:
+    """``iteration_update`` for :class:`monai.engines.SupervisedEvaluator`: probabilities for the enabled tasks.
+
+    The output holds ``seg_prob`` (sigmoid, (B, 1, H, W)) and ``label`` for segmentation, ``cls_prob`` (softmax
+    probability of "tumour", (B,)) and ``cls`` for classification, and the batch's metadata (source, patient,
+    slice, group, cls4) for per-patient evaluation.
+
+    Args:
+        tasks: the tasks to evaluate ("seg", "cls").
+    """
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls")) -> None:
+        self.tasks = tuple(tasks)
+
+    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = engine.state.device
+        images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
+        targets = batch_targets(batch, self.tasks, device)
+        do_seg, do_cls = "seg" in targets, "cls" in self.tasks
+        engine.network.eval()
+        with torch.inference_mode(), _autocast(engine, device):
+            outputs = engine.inferer(images, engine.network, do_seg=do_seg, do_cls=do_cls)
+        result: dict[str, Any] = {key: batch[key] for key in PASSTHROUGH_KEYS if key in batch}
+        if do_seg:
+            result["seg_prob"] = torch.sigmoid(outputs["seg"].float())
+            result["label"] = targets["seg"]
+        if do_cls:
+            result["cls_prob"] = torch.softmax(outputs["cls"].float(), dim=1)[:, 1]
+            if "cls" in targets:
+                result["cls"] = targets["cls"]
+        return result

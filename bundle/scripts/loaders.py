@@ -1,0 +1,123 @@
+"""Data loaders that feed one engine from two sources: BraTS slices and Kaggle images."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from monai.data import DataLoader, Dataset
+from torch.utils.data import DistributedSampler
+
+
+def _set_epoch(loader: Any, epoch: int) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+class AlternatingLoader:
+    """Interleave BraTS and Kaggle batches: one BraTS batch, then ``kaggle_steps`` Kaggle batches, and so on.
+
+    An epoch is one pass over the BraTS loader; the Kaggle loader restarts whenever it runs out, so a small Kaggle
+    set is revisited and a large one is sampled across epochs. Distributed samplers get their epoch set here
+    because the engine only does that for a plain DataLoader.
+
+    Args:
+        brats: loader of BraTS slice batches (image, label, cls).
+        kaggle: loader of Kaggle image batches (image, cls).
+        kaggle_steps: Kaggle batches after each BraTS batch. Kaggle steps skip the decoder and are cheap.
+    """
+
+    def __init__(self, brats: Any, kaggle: Any, kaggle_steps: int = 1) -> None:
+        if len(brats) == 0 and len(kaggle) == 0:
+            raise ValueError("AlternatingLoader needs data: both the BraTS and the Kaggle loaders are empty.")
+        self.brats, self.kaggle, self.kaggle_steps = brats, kaggle, kaggle_steps
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        if len(self.brats) == 0:
+            return len(self.kaggle)
+        if len(self.kaggle) == 0:
+            return len(self.brats)
+        return len(self.brats) * (1 + self.kaggle_steps)
+
+    def __iter__(self) -> Iterator[Any]:
+        _set_epoch(self.brats, self.epoch)
+        _set_epoch(self.kaggle, self.epoch)
+        self.epoch += 1
+        if len(self.brats) == 0 or len(self.kaggle) == 0:
+            yield from self.brats if len(self.brats) else self.kaggle
+            return
+        kaggle = iter(self.kaggle)
+        for brats_batch in self.brats:
+            yield brats_batch
+            for _ in range(self.kaggle_steps):
+                try:
+                    yield next(kaggle)
+                except StopIteration:
+                    kaggle = iter(self.kaggle)
+                    yield next(kaggle)
+
+
+class SequentialLoader:
+    """All batches of each loader in turn: validation over BraTS slices, then Kaggle images."""
+
+    def __init__(self, *loaders: Any) -> None:
+        self.loaders = [loader for loader in loaders if len(loader) > 0]
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders)
+
+    def __iter__(self) -> Iterator[Any]:
+        for loader in self.loaders:
+            _set_epoch(loader, self.epoch)
+            yield from loader
+        self.epoch += 1
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0, distributed: bool = False, **kwargs: Any
+) -> DataLoader | list:
+    """A MONAI DataLoader, or an empty list for an empty dataset (a stage that does not use this source).
+
+    Args:
+        dataset: the dataset.
+        batch_size: samples per batch.
+        shuffle: shuffle every epoch (through a DistributedSampler when ``distributed``).
+        num_workers: loader worker processes.
+        distributed: shard the data across processes with a DistributedSampler.
+        kwargs: more DataLoader arguments (pin_memory, persistent_workers, ...).
+    """
+    if len(dataset) == 0:
+        return []
+    sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
+    if num_workers == 0:
+        kwargs.pop("persistent_workers", None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        **kwargs,
+    )
+
+
+def training_loader(data: str, brats: Any, kaggle: Any, kaggle_steps: int = 1) -> Any:
+    """The stage's training loader: BraTS alone (``"brats"``) or BraTS alternating with Kaggle (``"brats+kaggle"``)."""
+    if data == "brats":
+        return brats
+    if data == "brats+kaggle":
+        return AlternatingLoader(brats, kaggle, kaggle_steps)
+    raise ValueError(f"Unknown stage data '{data}': use 'brats' or 'brats+kaggle'.")
+
+
+def validation_loader(data: str, brats: Any, kaggle: Any) -> Any:
+    """The stage's validation loader: BraTS alone, or BraTS followed by Kaggle."""
+    return brats if data == "brats" else SequentialLoader(brats, kaggle)
+
+
+def stage_items(items: Sequence[dict], used: bool) -> list[dict]:
+    """The data items when the stage uses this source, otherwise none (so no time is spent caching them)."""
+    return list(items) if used else []

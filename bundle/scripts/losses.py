@@ -1,0 +1,81 @@
+"""Losses that combine the tasks, and class weights for the classification loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from monai.losses import FocalLoss
+from torch import nn
+
+
+class MultiTaskLoss(nn.Module):
+    """``L = L_seg + lambda * L_cls`` over the tasks present in the outputs.
+
+    Args:
+        seg_loss: loss on segmentation logits and the mask, e.g. MONAI ``DiceFocalLoss(sigmoid=True)``.
+        cls_loss: loss on classification logits (B, C) and class indices (B,).
+        cls_weight: lambda, the weight of the classification term.
+
+    Returns (from ``forward``):
+        ``{"loss": total, "seg_loss": ..., "cls_loss": ...}`` with the terms that were computed.
+    """
+
+    def __init__(self, seg_loss: nn.Module, cls_loss: nn.Module, cls_weight: float = 1.0) -> None:
+        super().__init__()
+        self.seg_loss = seg_loss
+        self.cls_loss = cls_loss
+        self.cls_weight = cls_weight
+
+    def forward(
+        self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        if "seg" in outputs:
+            terms["seg_loss"] = self.seg_loss(outputs["seg"].float(), targets["seg"])
+            total = terms["seg_loss"]
+        if "cls" in outputs:
+            terms["cls_loss"] = self.cls_loss(outputs["cls"].float(), targets["cls"])
+            weighted = self.cls_weight * terms["cls_loss"]
+            total = weighted if total is None else total + weighted
+        if total is None:
+            raise ValueError("MultiTaskLoss got no output to score: the network ran no task.")
+        return {"loss": total, **terms}
+
+
+class FocalClassificationLoss(nn.Module):
+    """MONAI's FocalLoss on (B, C) logits and (B,) class indices, with optional per-class weights."""
+
+    def __init__(self, weight: Iterable[float] | None = None, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.focal = FocalLoss(to_onehot_y=True, use_softmax=True, gamma=gamma, weight=weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.focal(logits, target.view(-1, 1))
+
+
+def classification_loss(kind: str = "focal", weight: Iterable[float] | None = None, gamma: float = 2.0) -> nn.Module:
+    """The classification loss by name: ``"focal"`` (MONAI FocalLoss) or ``"ce"`` (cross-entropy), class-weighted."""
+    if kind == "focal":
+        return FocalClassificationLoss(weight=weight, gamma=gamma)
+    if kind == "ce":
+        return nn.CrossEntropyLoss(weight=None if weight is None else torch.as_tensor(list(weight), dtype=torch.float))
+    raise ValueError(f"Unknown classification loss '{kind}': use 'focal' or 'ce'.")
+
+
+def class_weights(labels: Iterable[int], num_classes: int = 2) -> list[float]:
+    """Inverse-frequency class weights, normalised to sum to ``num_classes`` (all 1.0 when classes are balanced).
+
+    Args:
+        labels: the training labels of the classification data.
+        num_classes: number of classes.
+
+    Raises:
+        ValueError: a class has no training example (its weight would be infinite).
+    """
+    counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).double()
+    if counts.numel() > num_classes or (counts == 0).any():
+        raise ValueError(f"Class weights need every one of {num_classes} classes in the training data, got {counts}.")
+    weights = counts.sum() / (num_classes * counts)
+    return (weights * num_classes / weights.sum()).tolist()

@@ -1,0 +1,118 @@
+"""Validation metrics for the training stages, as ignite metrics over :class:`MultiTaskEvalStep` outputs.
+
+Each metric reads only the batches that carry its task's outputs, so BraTS and Kaggle batches can share one
+validation pass. The thorough test-split evaluation (per-patient 3D Dice, HD95, ...) is in ``evaluation.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from ignite.metrics import Metric, MetricsLambda
+from monai.metrics import compute_dice, compute_roc_auc
+
+
+class _StepOutputMetric(Metric):
+    """A metric fed the evaluator's whole output dict (ignite only passes mappings through under fixed keys)."""
+
+    def iteration_completed(self, engine: Any) -> None:
+        self.update(self._output_transform(engine.state.output))
+
+
+class SliceDice(_StepOutputMetric):
+    """Mean Dice over validation slices, tumour-free slices included.
+
+    A tumour-free slice scores 1 when nothing is predicted and 0 for any false positive (MONAI's default
+    ``ignore_empty=True`` would drop those slices and hide false positives on healthy tissue).
+    """
+
+    def reset(self) -> None:
+        self._sum, self._count = 0.0, 0
+
+    def update(self, output: dict[str, Any]) -> None:
+        if "seg_prob" not in output:
+            return
+        prediction = (output["seg_prob"] > 0.5).float()
+        dice = compute_dice(prediction, output["label"], include_background=True, ignore_empty=False)
+        self._sum += float(dice.sum())
+        self._count += dice.numel()
+
+    def compute(self) -> float:
+        return self._sum / self._count if self._count else math.nan
+
+
+class _TumourScores(_StepOutputMetric):
+    """Collects tumour probabilities and targets, optionally of one data source only."""
+
+    def __init__(self, source: str | None = None, **kwargs: Any) -> None:
+        self.source = source
+        super().__init__(**kwargs)
+
+    def reset(self) -> None:
+        self._probs: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
+
+    def update(self, output: dict[str, Any]) -> None:
+        if "cls_prob" not in output or "cls" not in output:
+            return
+        probs, targets = output["cls_prob"].detach().cpu(), output["cls"].detach().cpu()
+        if self.source is not None:
+            keep = torch.tensor([s == self.source for s in output["source"]], dtype=torch.bool)
+            probs, targets = probs[keep], targets[keep]
+        self._probs.append(probs)
+        self._targets.append(targets)
+
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self._probs:
+            return torch.empty(0), torch.empty(0)
+        return torch.cat(self._probs), torch.cat(self._targets)
+
+
+class TumourAUC(_TumourScores):
+    """ROC AUC of the tumour probability (NaN when the data hold only one class)."""
+
+    def compute(self) -> float:
+        probs, targets = self._gathered()
+        if targets.numel() == 0 or targets.unique().numel() < 2:
+            return math.nan
+        return float(compute_roc_auc(probs, targets))
+
+
+class TumourAccuracy(_TumourScores):
+    """Accuracy of tumour / no-tumour at probability 0.5."""
+
+    def compute(self) -> float:
+        probs, targets = self._gathered()
+        if targets.numel() == 0:
+            return math.nan
+        return float(((probs > 0.5).long() == targets.long()).float().mean())
+
+
+def _mean_of_defined(*values: float) -> float:
+    defined = [v for v in values if not math.isnan(v)]
+    return sum(defined) / len(defined) if defined else math.nan
+
+
+def validation_metrics(tasks: Sequence[str], sources: Sequence[str] = ("brats", "kaggle")) -> dict[str, Metric]:
+    """The validation metrics of a stage and ``val_score``, the key metric that selects the best checkpoint.
+
+    ``val_score`` is the Dice for a segmentation stage, the AUC over all classification data for a classification
+    stage, and their mean when a stage trains both.
+
+    Args:
+        tasks: the stage's tasks ("seg", "cls").
+        sources: data sources that get their own classification metrics.
+    """
+    metrics: dict[str, Metric] = {}
+    if "seg" in tasks:
+        metrics["val_dice"] = SliceDice()
+    if "cls" in tasks:
+        metrics["val_auc"] = TumourAUC()
+        metrics["val_accuracy"] = TumourAccuracy()
+        for source in sources:
+            metrics[f"val_{source}_auc"] = TumourAUC(source=source)
+    parts = [metrics[name] for name in ("val_dice", "val_auc") if name in metrics]
+    return {"val_score": MetricsLambda(_mean_of_defined, *parts), **metrics}
