@@ -3,6 +3,6 @@
 MONAI bundle configs reach this package as ``scripts`` (``$import scripts``), with the bundle root on sys.path.
 """
 
-from . import datasets, engines, handlers, loaders, losses, metrics, networks, stages
+from . import datasets, engines, evaluation, handlers, loaders, losses, metrics, networks, stages
 
-__all__ = ["datasets", "engines", "handlers", "loaders", "losses", "metrics", "networks", "stages"]
+__all__ = ["datasets", "engines", "evaluation", "handlers", "loaders", "losses", "metrics", "networks", "stages"]

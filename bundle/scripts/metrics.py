@@ -35,7 +35,7 @@ class SliceDice(_StepOutputMetric):
     def update(self, output: dict[str, Any]) -> None:
         if "seg_prob" not in output:
             return
-        prediction = (output["seg_prob"] > 0.5).float()
+        prediction = (output["seg_prob"] >= 0.5).float()
         dice = compute_dice(prediction, output["label"], include_background=True, ignore_empty=False)
         self._sum += float(dice.sum())
         self._count += dice.numel()
@@ -88,7 +88,7 @@ class TumourAccuracy(_TumourScores):
         probs, targets = self._gathered()
         if targets.numel() == 0:
             return math.nan
-        return float(((probs > 0.5).long() == targets.long()).float().mean())
+        return float(((probs >= 0.5).long() == targets.long()).float().mean())
 
 
 def _mean_of_defined(*values: float) -> float:

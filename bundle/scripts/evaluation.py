@@ -1,0 +1,984 @@
+"""Test-split evaluation: collect predictions from a MONAI evaluator, score them, write metrics and a report.
+
+Three parts:
+
+* :class:`PredictionCollector`, an ignite handler that records every sample an evaluator produces, compactly:
+  BraTS slices as binarised masks cropped to the tumour / prediction and bit-packed (a tumour-free slice with an
+  empty prediction costs a few dozen bytes), classification outputs as one small record per slice or image.
+* :func:`compute_metrics`, a pure function of those records: per-patient 3D Dice and HD95, per-slice Dice over
+  every slice (tumour-free slices included), slice-level tumour detection, and tumour / no-tumour
+  classification for BraTS slices and Kaggle images separately.
+* :func:`write_results`, which writes ``metrics.json`` (flat, numbers only), ``per_patient.csv`` and, through
+  :mod:`scripts.report`, ``report.md`` with its figures.
+
+Conventions (why they matter):
+
+* Masks and classes are binarised at ``threshold`` (0.5) with ``>=``, as MONAI's ``AsDiscrete(threshold=0.5)``.
+* Per-slice Dice is 1 when prediction and ground truth are both empty and 0 when either alone is empty. MONAI's
+  ``DiceMetric`` default (``ignore_empty=True``) drops tumour-free slices instead, hiding false positives there.
+* Per-patient Dice is computed over the patient's whole volume (BraTS scores patients, not slices). Tumour pixels
+  in slices that data preparation dropped (``patients.json`` ``tumour_pixels_dropped``) and in kept slices that
+  were never evaluated count as false negatives, so leaving slices out can never raise the score.
+* A patient whose prediction and ground truth are both empty has Dice 1; HD95 is undefined (NaN) when either is
+  empty, such patients are left out of the HD95 statistics and counted in ``brats_hd95_undefined``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.metrics import compute_hausdorff_distance
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
+
+__all__ = [
+    "KAGGLE_CLASSES",
+    "SOURCES",
+    "ClassificationRecord",
+    "EvaluationRecords",
+    "ExampleSlice",
+    "PatientScore",
+    "PredictionCollector",
+    "SliceMasks",
+    "classification_metrics",
+    "compute_metrics",
+    "load_patients",
+    "patient_hd95",
+    "prepared_spacing",
+    "score_patients",
+    "write_results",
+]
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD = 0.5
+SOURCES: tuple[str, ...] = ("brats", "kaggle")
+# Same order as scripts.data.images.KAGGLE_CLASSES (alphabetical folder names); repeated here so evaluation does
+# not depend on the data-preparation package.
+KAGGLE_CLASSES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
+_SEGMENTATION_KEYS = ("seg_prob", "label", "slice", "patient")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass(slots=True)
+class SliceMasks:
+    """Binarised prediction and ground truth of one BraTS slice, cropped to their union and bit-packed.
+
+    Attributes:
+        patient: BraTS patient id.
+        z: Slice index along the volume's Z axis (as in ``patients.json`` ``slices_kept``).
+        shape: ``(H, W)`` of the full slice.
+        box: ``(row0, row1, col0, col1)`` of the union of both masks (all 0 when both are empty).
+        pred_bits: ``np.packbits`` of the predicted mask inside ``box``.
+        label_bits: ``np.packbits`` of the ground-truth mask inside ``box``.
+        pred_pixels: Predicted tumour pixels.
+        label_pixels: Ground-truth tumour pixels.
+        overlap: Pixels that are tumour in both.
+    """
+
+    patient: str
+    z: int
+    shape: tuple[int, int]
+    box: tuple[int, int, int, int]
+    pred_bits: np.ndarray
+    label_bits: np.ndarray
+    pred_pixels: int
+    label_pixels: int
+    overlap: int
+
+    @classmethod
+    def from_masks(cls, patient: str, z: int, pred: np.ndarray, label: np.ndarray) -> SliceMasks:
+        """Pack two binary ``(H, W)`` masks (any shape with singleton leading axes, any dtype; nonzero = tumour)."""
+        pred, label = _plane(pred) != 0, _plane(label) != 0
+        if pred.shape != label.shape:
+            raise ValueError(f"{patient} z={z}: prediction {pred.shape} and label {label.shape} differ in shape")
+        union = pred | label
+        if union.any():
+            rows, cols = np.flatnonzero(union.any(axis=1)), np.flatnonzero(union.any(axis=0))
+            box = (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1)
+        else:
+            box = (0, 0, 0, 0)
+        crop = np.s_[box[0] : box[1], box[2] : box[3]]
+        return cls(
+            patient=str(patient),
+            z=int(z),
+            shape=(int(pred.shape[0]), int(pred.shape[1])),
+            box=box,
+            pred_bits=np.packbits(pred[crop]),
+            label_bits=np.packbits(label[crop]),
+            pred_pixels=int(np.count_nonzero(pred)),
+            label_pixels=int(np.count_nonzero(label)),
+            overlap=int(np.count_nonzero(pred & label)),
+        )
+
+    def _unpack(self, bits: np.ndarray) -> np.ndarray:
+        full = np.zeros(self.shape, dtype=bool)
+        row0, row1, col0, col1 = self.box
+        height, width = row1 - row0, col1 - col0
+        if height and width:
+            full[row0:row1, col0:col1] = np.unpackbits(bits, count=height * width).reshape(height, width)
+        return full
+
+    def pred(self) -> np.ndarray:
+        """The full ``(H, W)`` bool predicted mask."""
+        return self._unpack(self.pred_bits)
+
+    def label(self) -> np.ndarray:
+        """The full ``(H, W)`` bool ground-truth mask."""
+        return self._unpack(self.label_bits)
+
+    @property
+    def dice(self) -> float:
+        """Slice Dice; 1 when both masks are empty (a correct 'no tumour here')."""
+        total = self.pred_pixels + self.label_pixels
+        return 1.0 if total == 0 else 2.0 * self.overlap / total
+
+
+@dataclass(slots=True)
+class ClassificationRecord:
+    """One tumour / no-tumour decision.
+
+    Attributes:
+        source: ``"brats"`` (a slice) or ``"kaggle"`` (an image).
+        key: BraTS patient id or Kaggle duplicate group.
+        prob: Predicted probability of tumour.
+        target: True class, 1 = tumour.
+        z: Slice index (BraTS only).
+        cls4: 4-class Kaggle label (index into :data:`KAGGLE_CLASSES`), when known.
+    """
+
+    source: str
+    key: str
+    prob: float
+    target: int
+    z: int | None = None
+    cls4: int | None = None
+
+
+@dataclass(slots=True)
+class ExampleSlice:
+    """A slice kept whole for the report's overlay figure."""
+
+    patient: str
+    z: int
+    image: np.ndarray  # (H, W) float32, first input channel
+    label: np.ndarray  # (H, W) bool
+    pred: np.ndarray  # (H, W) bool
+    dice: float
+
+
+@dataclass
+class EvaluationRecords:
+    """Everything the collector keeps; the input of :func:`compute_metrics` and :func:`write_results`.
+
+    Attributes:
+        slices: One :class:`SliceMasks` per BraTS slice.
+        classifications: One :class:`ClassificationRecord` per BraTS slice and Kaggle image.
+        examples: Up to ``max_examples`` overlay examples: for each of the first patients seen, the slice with the
+            largest ground-truth tumour (kept only when an image was supplied).
+        max_examples: How many example slices (patients) to keep.
+        threshold: Binarisation threshold of probabilities.
+    """
+
+    slices: list[SliceMasks] = field(default_factory=list)
+    classifications: list[ClassificationRecord] = field(default_factory=list)
+    examples: list[ExampleSlice] = field(default_factory=list)
+    max_examples: int = 4
+    threshold: float = THRESHOLD
+
+    def add_brats_slice(
+        self,
+        patient: str,
+        z: int,
+        seg_prob: Any,
+        label: Any,
+        cls_prob: float,
+        cls: int,
+        image: Any | None = None,
+    ) -> SliceMasks:
+        """Record one BraTS slice.
+
+        Args:
+            patient: Patient id.
+            z: Slice index.
+            seg_prob: ``(1, H, W)`` or ``(H, W)`` tumour probability (numpy or torch); binarised at ``threshold``.
+            label: Ground-truth mask of the same shape, 0/1.
+            cls_prob: Probability of tumour from the classification head.
+            cls: Classification target, 0/1.
+            image: Optional ``(C, H, W)`` input; used only if the slice becomes an overlay example.
+
+        Returns:
+            The stored slice record.
+        """
+        pred = _to_numpy(_binarise(seg_prob, self.threshold))
+        masks = SliceMasks.from_masks(patient, z, pred, _to_numpy(label) > 0.5)
+        self.slices.append(masks)
+        self.classifications.append(ClassificationRecord("brats", masks.patient, float(cls_prob), int(cls), masks.z))
+        if image is not None:
+            self._offer_example(masks, image)
+        return masks
+
+    def add_kaggle_image(self, group: str, cls_prob: float, cls: int, cls4: int | None = None) -> None:
+        """Record one Kaggle image's classification (``group``: its duplicate group id)."""
+        self.classifications.append(
+            ClassificationRecord(
+                "kaggle", str(group), float(cls_prob), int(cls), None, None if cls4 is None else int(cls4)
+            )
+        )
+
+    def _offer_example(self, masks: SliceMasks, image: Any) -> None:
+        # One example per patient (the slice with the most tumour) shows more variety than the best N slices.
+        current = next((index for index, ex in enumerate(self.examples) if ex.patient == masks.patient), None)
+        if current is None and len(self.examples) >= self.max_examples:
+            return
+        if current is not None and self.examples[current].label.sum() >= masks.label_pixels:
+            return
+        if masks.label_pixels == 0 and current is None and masks.pred_pixels == 0:
+            return  # nothing to show yet; wait for a slice of this patient with tumour
+        channels = _to_numpy(image).astype(np.float32, copy=False)
+        first_channel = _plane(channels[:1] if channels.ndim == 3 else channels).copy()
+        example = ExampleSlice(masks.patient, masks.z, first_channel, masks.label(), masks.pred(), masks.dice)
+        if current is None:
+            self.examples.append(example)
+        else:
+            self.examples[current] = example
+
+    def classification_arrays(self, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(targets int64, probabilities float64)`` of one source's classification records."""
+        chosen = [record for record in self.classifications if record.source == source]
+        targets = np.array([record.target for record in chosen], dtype=np.int64)
+        probs = np.array([record.prob for record in chosen], dtype=np.float64)
+        return targets, probs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Segmentation
+
+
+@dataclass(slots=True)
+class PatientScore:
+    """Segmentation scores of one BraTS patient.
+
+    Attributes:
+        patient: Patient id.
+        slices: Slices evaluated.
+        dice: 3D Dice over the whole volume, dropped / unevaluated tumour counted as missed.
+        dice_kept_slices: 3D Dice over the evaluated slices only (what ignoring dropped slices would report).
+        hd95: 95th-percentile Hausdorff distance in spacing units over the evaluated slices; NaN if undefined.
+        label_pixels: Ground-truth tumour pixels in the evaluated slices.
+        pred_pixels: Predicted tumour pixels.
+        overlap: Pixels tumour in both.
+        tumour_pixels_dropped: Tumour pixels in slices removed by data preparation.
+        tumour_pixels_unseen: Tumour pixels of kept slices that were not evaluated.
+        complete: Whether every kept slice was evaluated (always True without ``patients``).
+    """
+
+    patient: str
+    slices: int
+    dice: float
+    dice_kept_slices: float
+    hd95: float
+    label_pixels: int
+    pred_pixels: int
+    overlap: int
+    tumour_pixels_dropped: int = 0
+    tumour_pixels_unseen: int = 0
+    complete: bool = True
+
+
+def _dice(overlap: int, pred_pixels: int, label_pixels: int) -> float:
+    total = pred_pixels + label_pixels
+    return 1.0 if total == 0 else 2.0 * overlap / total
+
+
+def prepared_spacing(
+    original_shape: Sequence[int], size: int, original_spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> tuple[float, float, float]:
+    """Voxel spacing of a patient volume stacked from prepared slices, in the order HD95 expects.
+
+    Preparation resizes each RAS ``(X, Y)`` slice to ``size x size`` in the display plane, whose rows run along Y
+    and columns along X; Z is untouched.
+
+    Args:
+        original_shape: ``(X, Y, Z)`` of the loaded volume (``patients.json`` ``original_shape``).
+        size: Side of the prepared slices.
+        original_spacing: ``(X, Y, Z)`` spacing of the loaded volume (1 mm for BraTS).
+
+    Returns:
+        ``(row, column, slice)`` spacing.
+    """
+    x, y = original_shape[0], original_shape[1]
+    return (
+        float(original_spacing[1]) * y / size,
+        float(original_spacing[0]) * x / size,
+        float(original_spacing[2]),
+    )
+
+
+def patient_volumes(slices: Sequence[SliceMasks]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack one patient's slices by z into ``(H, W, D)`` bool prediction and ground-truth volumes.
+
+    Slices sit at their own z offset from the lowest one, so gaps (unevaluated slices) keep their true distance.
+    """
+    if not slices:
+        raise ValueError("a patient volume needs at least one slice")
+    shapes = {masks.shape for masks in slices}
+    if len(shapes) != 1:
+        raise ValueError(f"patient {slices[0].patient}: slices of different shapes {sorted(shapes)}")
+    low = min(masks.z for masks in slices)
+    depth = max(masks.z for masks in slices) - low + 1
+    pred = np.zeros((*slices[0].shape, depth), dtype=bool)
+    label = np.zeros_like(pred)
+    for masks in slices:
+        pred[..., masks.z - low] = masks.pred()
+        label[..., masks.z - low] = masks.label()
+    return pred, label
+
+
+def patient_hd95(pred: np.ndarray, label: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
+    """Symmetric 95th-percentile Hausdorff distance of two binary volumes (MONAI), NaN when either is empty.
+
+    Args:
+        pred: Binary volume.
+        label: Binary volume of the same shape.
+        spacing: Spacing per axis of the arrays, in the unit of the result.
+
+    Returns:
+        HD95 in spacing units, or NaN.
+    """
+    pred, label = np.asarray(pred, dtype=bool), np.asarray(label, dtype=bool)
+    if not pred.any() or not label.any():
+        return math.nan
+    # Surface distances depend only on the shapes, so crop to their union plus one voxel (the margin keeps MONAI's
+    # edge extraction identical): a 256x256x155 volume shrinks to the tumour's size, which is most of the cost.
+    union = pred | label
+    box = []
+    for axis in range(union.ndim):
+        hits = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(int(hits[0]) - 1, 0), int(hits[-1]) + 2))
+    crop = tuple(box)
+    with warnings.catch_warnings():
+        # MONAI 1.5-1.6 pass their own deprecated `always_return_as_numpy` internally; nothing to fix on our side.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        value = compute_hausdorff_distance(
+            torch.from_numpy(np.ascontiguousarray(pred[crop]))[None, None],
+            torch.from_numpy(np.ascontiguousarray(label[crop]))[None, None],
+            include_background=True,  # the single channel is the tumour, not a background channel
+            percentile=95,
+            spacing=[float(s) for s in spacing],
+        )
+    return float(value.reshape(-1)[0])
+
+
+def score_patients(
+    slices: Iterable[SliceMasks],
+    patients: Mapping[str, Mapping[str, Any]] | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+) -> list[PatientScore]:
+    """Per-patient 3D Dice and HD95.
+
+    Args:
+        slices: Slice records of any number of patients, in any order.
+        patients: ``patients.json`` content; supplies ``tumour_pixels_dropped`` (counted as missed tumour) and
+            ``slices_kept`` / ``tumour_pixels_kept`` (kept tumour never evaluated is counted as missed too).
+            Without it, only the evaluated slices count.
+        spacing: ``(row, column, slice)`` spacing of the stacked volumes (see :func:`prepared_spacing`).
+
+    Returns:
+        One score per patient, sorted by patient id.
+
+    Raises:
+        ValueError: A slice recorded twice, or a patient missing from ``patients``.
+    """
+    by_patient: dict[str, list[SliceMasks]] = defaultdict(list)
+    for masks in slices:
+        by_patient[masks.patient].append(masks)
+    scores = []
+    for patient in sorted(by_patient):
+        own = sorted(by_patient[patient], key=lambda masks: masks.z)
+        zs = [masks.z for masks in own]
+        if len(set(zs)) != len(zs):
+            raise ValueError(f"patient {patient}: a slice was recorded twice (z={sorted(zs)})")
+        pred_pixels = sum(masks.pred_pixels for masks in own)
+        label_pixels = sum(masks.label_pixels for masks in own)
+        overlap = sum(masks.overlap for masks in own)
+        dropped, unseen, complete = _missing_tumour(patient, set(zs), label_pixels, patients)
+        pred, label = patient_volumes(own)
+        scores.append(
+            PatientScore(
+                patient=patient,
+                slices=len(own),
+                dice=_dice(overlap, pred_pixels, label_pixels + dropped + unseen),
+                dice_kept_slices=_dice(overlap, pred_pixels, label_pixels),
+                hd95=patient_hd95(pred, label, spacing),
+                label_pixels=label_pixels,
+                pred_pixels=pred_pixels,
+                overlap=overlap,
+                tumour_pixels_dropped=dropped,
+                tumour_pixels_unseen=unseen,
+                complete=complete,
+            )
+        )
+    return scores
+
+
+def _missing_tumour(
+    patient: str, evaluated: set[int], label_pixels: int, patients: Mapping[str, Mapping[str, Any]] | None
+) -> tuple[int, int, bool]:
+    """Tumour pixels dropped at preparation and kept-but-unevaluated, and whether all kept slices were evaluated."""
+    if patients is None:
+        return 0, 0, True
+    if patient not in patients:
+        raise ValueError(f"patient {patient} is not in patients.json: its dropped tumour pixels are unknown")
+    record = patients[patient]
+    if "tumour_pixels_dropped" not in record:
+        # Defaulting to 0 would silently flatter the patient's Dice: refuse instead.
+        raise ValueError(f"patients.json has no tumour_pixels_dropped for patient {patient}")
+    dropped = int(record["tumour_pixels_dropped"])
+    kept = record.get("slices_kept")
+    complete = kept is None or {int(z) for z in kept} <= evaluated
+    unseen = 0
+    if not complete and "tumour_pixels_kept" in record:
+        # Only the total is known per patient; the part not seen is what the evaluated labels do not account for.
+        unseen = max(int(record["tumour_pixels_kept"]) - label_pixels, 0)
+    if complete and "tumour_pixels_kept" in record and int(record["tumour_pixels_kept"]) != label_pixels:
+        logger.warning(
+            "patient %s: evaluated labels hold %d tumour pixels, patients.json says %d kept: are labels evaluated at "
+            "the prepared resolution?",
+            patient,
+            label_pixels,
+            int(record["tumour_pixels_kept"]),
+        )
+    return dropped, unseen, complete
+
+
+def _summary(values: Sequence[float]) -> tuple[float, float, float, float]:
+    """(mean, median, population std, min) of finite values; NaN for none."""
+    finite = np.array([value for value in values if math.isfinite(value)], dtype=np.float64)
+    if finite.size == 0:
+        return math.nan, math.nan, math.nan, math.nan
+    return float(finite.mean()), float(np.median(finite)), float(finite.std()), float(finite.min())
+
+
+def _ratio(numerator: int, denominator: int) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else math.nan
+
+
+def segmentation_metrics(scores: Sequence[PatientScore], slices: Sequence[SliceMasks]) -> dict[str, float]:
+    """Per-patient and per-slice segmentation metrics (keys ``brats_patient_*``, ``brats_hd95_*``, ...)."""
+    dice_mean, dice_median, dice_std, dice_min = _summary([score.dice for score in scores])
+    hd95 = [score.hd95 for score in scores]
+    hd95_mean, hd95_median, _, _ = _summary(hd95)
+    return {
+        "brats_patients": len(scores),
+        "brats_patients_incomplete": sum(not score.complete for score in scores),
+        "brats_patient_dice_mean": dice_mean,
+        "brats_patient_dice_median": dice_median,
+        "brats_patient_dice_std": dice_std,
+        "brats_patient_dice_min": dice_min,
+        "brats_patient_dice_kept_slices_mean": _summary([score.dice_kept_slices for score in scores])[0],
+        "brats_hd95_mean": hd95_mean,
+        "brats_hd95_median": hd95_median,
+        "brats_hd95_undefined": sum(not math.isfinite(value) for value in hd95),
+        "brats_tumour_pixels_dropped": sum(score.tumour_pixels_dropped for score in scores),
+        "brats_slice_dice_mean": _mean([masks.dice for masks in slices]),
+    }
+
+
+def detection_metrics(slices: Sequence[SliceMasks], min_tumour_pixels: int = 1) -> dict[str, float]:
+    """Slice-level tumour detection from the segmentation, and slice Dice split by ground truth.
+
+    A slice is positive (predicted or true) when its mask has at least ``min_tumour_pixels`` pixels.
+    """
+    if min_tumour_pixels < 1:
+        raise ValueError(f"min_tumour_pixels must be at least 1, got {min_tumour_pixels}")
+    truth = np.array([masks.label_pixels >= min_tumour_pixels for masks in slices], dtype=bool)
+    found = np.array([masks.pred_pixels >= min_tumour_pixels for masks in slices], dtype=bool)
+    dice = np.array([masks.dice for masks in slices], dtype=np.float64)
+    tp, fp = int(np.sum(truth & found)), int(np.sum(~truth & found))
+    fn, tn = int(np.sum(truth & ~found)), int(np.sum(~truth & ~found))
+    return {
+        "brats_slices": len(slices),
+        "brats_slices_tumour": int(truth.sum()),
+        "brats_slice_dice_tumour_slices_mean": _mean(dice[truth]),
+        "brats_slice_dice_tumour_free_slices_mean": _mean(dice[~truth]),
+        "brats_slice_detection_sensitivity": _ratio(tp, tp + fn),
+        "brats_slice_detection_specificity": _ratio(tn, tn + fp),
+        "brats_slice_detection_tp": tp,
+        "brats_slice_detection_fp": fp,
+        "brats_slice_detection_fn": fn,
+        "brats_slice_detection_tn": tn,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Classification
+
+
+def classification_metrics(
+    targets: np.ndarray, probs: np.ndarray, prefix: str, threshold: float = THRESHOLD
+) -> dict[str, float]:
+    """Binary tumour / no-tumour metrics at ``threshold``; NaN wherever a value is undefined.
+
+    Args:
+        targets: 0/1 true classes.
+        probs: Probabilities of tumour.
+        prefix: Key prefix, e.g. ``"kaggle_cls"``.
+        threshold: Decision threshold (``prob >= threshold`` is tumour).
+
+    Returns:
+        ``{prefix}_n``, ``_accuracy``, ``_balanced_accuracy``, ``_roc_auc``, ``_f1``, ``_sensitivity``,
+        ``_specificity``, ``_confusion_tn``, ``_confusion_fp``, ``_confusion_fn``, ``_confusion_tp``.
+    """
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    predicted = (probs >= threshold).astype(np.int64)
+    n = int(targets.size)
+    if n == 0:
+        tn = fp = fn = tp = 0
+        accuracy = balanced = f1 = auc = math.nan
+    else:
+        tn, fp, fn, tp = (int(v) for v in confusion_matrix(targets, predicted, labels=[0, 1]).ravel())
+        accuracy = float(accuracy_score(targets, predicted))
+        with warnings.catch_warnings():
+            # One class only: sklearn warns and returns the recall of the class present, which is what we want.
+            warnings.simplefilter("ignore")
+            balanced = float(balanced_accuracy_score(targets, predicted))
+        f1 = float(f1_score(targets, predicted, labels=[0, 1], zero_division=np.nan))
+        # AUC needs both classes; one class only (a tumour-only test subset) is NaN, not a crash.
+        auc = float(roc_auc_score(targets, probs)) if np.unique(targets).size == 2 else math.nan
+    return {
+        f"{prefix}_n": n,
+        f"{prefix}_accuracy": accuracy,
+        f"{prefix}_balanced_accuracy": balanced,
+        f"{prefix}_roc_auc": auc,
+        f"{prefix}_f1": f1,
+        f"{prefix}_sensitivity": _ratio(tp, tp + fn),
+        f"{prefix}_specificity": _ratio(tn, tn + fp),
+        f"{prefix}_confusion_tn": tn,
+        f"{prefix}_confusion_fp": fp,
+        f"{prefix}_confusion_fn": fn,
+        f"{prefix}_confusion_tp": tp,
+    }
+
+
+def kaggle_class_metrics(records: Sequence[ClassificationRecord], threshold: float = THRESHOLD) -> dict[str, float]:
+    """Per 4-class Kaggle label: image count and share predicted 'tumour' (for notumor: the false-positive rate)."""
+    metrics: dict[str, float] = {}
+    for index, name in enumerate(KAGGLE_CLASSES):
+        probs = [record.prob for record in records if record.source == "kaggle" and record.cls4 == index]
+        metrics[f"kaggle_cls4_{name}_n"] = len(probs)
+        metrics[f"kaggle_cls4_{name}_tumour_rate"] = _mean([float(p >= threshold) for p in probs])
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# All metrics
+
+
+def compute_metrics(
+    records: EvaluationRecords,
+    patients: Mapping[str, Mapping[str, Any]] | None = None,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    min_tumour_pixels: int = 1,
+    threshold: float | None = None,
+) -> tuple[dict[str, float], list[PatientScore]]:
+    """Score everything the collector recorded.
+
+    Args:
+        records: Slice and classification records (from :class:`PredictionCollector` or built directly).
+        patients: ``patients.json`` content (see :func:`score_patients`); None: no dropped-slice accounting.
+        spacing: ``(row, column, slice)`` spacing of the stacked patient volumes, for HD95.
+        min_tumour_pixels: Smallest mask area that makes a slice tumour-positive for detection.
+        threshold: Classification threshold; default: ``records.threshold``.
+
+    Returns:
+        ``(metrics, per_patient)``: a flat dict of numbers (NaN where undefined; the key list is the same for
+        every run, so runs compare key by key) and the per-patient scores.
+    """
+    threshold = records.threshold if threshold is None else threshold
+    scores = score_patients(records.slices, patients, spacing)
+    metrics: dict[str, float] = {}
+    metrics.update(segmentation_metrics(scores, records.slices))
+    metrics.update(detection_metrics(records.slices, min_tumour_pixels))
+    for source in SOURCES:
+        targets, probs = records.classification_arrays(source)
+        metrics.update(classification_metrics(targets, probs, f"{source}_cls", threshold))
+    metrics.update(kaggle_class_metrics(records.classifications, threshold))
+    return metrics, scores
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Output
+
+
+def _json_number(value: Any) -> float | int | None:
+    """A JSON-safe number: bools and integers stay integers, NaN and infinities become None (JSON null)."""
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def write_json_atomic(path: Path, content: Any) -> Path:
+    """Write JSON through a temporary file in the same folder and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(content, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_per_patient_csv(path: Path, scores: Sequence[PatientScore]) -> Path:
+    """One row per patient; undefined values (NaN HD95) are written as empty cells."""
+    columns = [item.name for item in fields(PatientScore)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for score in scores:
+            row = [getattr(score, column) for column in columns]
+            writer.writerow(["" if isinstance(v, float) and not math.isfinite(v) else v for v in row])
+    return path
+
+
+def write_results(
+    metrics: Mapping[str, float],
+    per_patient: Sequence[PatientScore],
+    records: EvaluationRecords,
+    output_dir: str | os.PathLike[str],
+) -> dict[str, Path]:
+    """Write ``metrics.json``, ``per_patient.csv``, ``report.md`` and the report's PNG figures.
+
+    ``metrics.json`` is one flat object of numbers, sorted by key, written atomically; NaN (undefined, e.g. AUC
+    with a single class) and infinities are written as ``null`` because JSON has no NaN.
+
+    Args:
+        metrics: From :func:`compute_metrics`.
+        per_patient: From :func:`compute_metrics`.
+        records: The records the metrics came from (ROC curves and examples are drawn from them).
+        output_dir: Folder to write into (created if needed).
+
+    Returns:
+        Name -> path of every file written (``metrics``, ``per_patient``, ``report`` and one per figure).
+    """
+    from scripts.report import write_report  # imported here: report imports this module's types
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    flat = {str(key): _json_number(value) for key, value in metrics.items()}
+    paths = {
+        "metrics": write_json_atomic(output_dir / "metrics.json", flat),
+        "per_patient": write_per_patient_csv(output_dir / "per_patient.csv", per_patient),
+    }
+    paths.update(write_report(metrics, per_patient, records, output_dir))
+    return paths
+
+
+def load_patients(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """Read ``patients.json`` from the file itself or from the prepared dataset folder holding it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "patients.json"
+    with path.open(encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Collector
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _binarise(prob: Any, threshold: float) -> Any:
+    # Threshold where the tensor lives (GPU): only the bool mask, a quarter of the float32 bytes, crosses to the CPU.
+    if isinstance(prob, torch.Tensor):
+        return prob.detach() >= threshold
+    return np.asarray(prob) >= threshold
+
+
+def _plane(array: np.ndarray) -> np.ndarray:
+    """``(H, W)`` view of a ``(1, H, W)`` / ``(1, 1, H, W)`` / ``(H, W)`` array."""
+    array = np.asarray(array)
+    while array.ndim > 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 2:
+        raise ValueError(f"expected a single-channel 2D mask or image, got shape {array.shape}")
+    return array
+
+
+def _scalar(value: Any) -> Any:
+    """A Python number or string from a 0-d / 1-element tensor or array, or the value itself."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value.reshape(-1)[0].item()
+    return value
+
+
+def _batch_size(batch: Mapping[str, Any]) -> int:
+    """B of a collated batch: the length of ``source``, else of the first per-sample value."""
+    if "source" in batch and not isinstance(batch["source"], str):
+        return len(batch["source"])
+    for value in batch.values():
+        if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0:
+            return int(value.shape[0])
+        if isinstance(value, (list, tuple)):
+            return len(value)
+    raise ValueError(f"cannot tell the batch size of a batch with keys {sorted(batch)}")
+
+
+def _samples(data: Any) -> list[dict[str, Any]]:
+    """Per-sample dicts from a collated batch dict (lists / batched tensors) or a decollated list of dicts."""
+    if data is None:
+        return []
+    if isinstance(data, Mapping):
+        if isinstance(data.get("source"), str):
+            return [dict(data)]
+        size = _batch_size(data)
+        samples: list[dict[str, Any]] = [{} for _ in range(size)]
+        for key, value in data.items():
+            if value is None:
+                continue
+            if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim > 0 and value.shape[0] == size:
+                items: Sequence[Any] = value
+            elif isinstance(value, (list, tuple)) and len(value) == size:
+                items = value
+            else:
+                continue  # not per-sample (e.g. a scalar): not ours to interpret
+            for index in range(size):
+                samples[index][key] = items[index]
+        return samples
+    if isinstance(data, (list, tuple)):
+        return [dict(sample) for sample in data]
+    raise TypeError(f"expected a dict or a list of dicts, got {type(data).__name__}")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if _distributed() else 1
+
+
+def _is_rank_zero() -> bool:
+    return not _distributed() or torch.distributed.get_rank() == 0
+
+
+class PredictionCollector:
+    """Ignite handler that records every evaluated sample for :func:`compute_metrics`.
+
+    On each ``ITERATION_COMPLETED`` it reads ``output_transform(engine.state.output)``, merged with
+    ``batch_transform(engine.state.batch)`` and / or the batch's ``batch_keys`` when given (the output wins on
+    shared keys). Each may be a collated batch dict (values: lists of length B or tensors with first dimension B)
+    or a list of B per-sample dicts (what MONAI evaluators hold with ``decollate=True``). Per sample:
+
+    ==============  ==================================================  ===========================
+    key             value                                               when
+    ==============  ==================================================  ===========================
+    ``source``      ``"brats"`` or ``"kaggle"``                         always
+    ``cls_prob``    float / 0-d or (1,) tensor: probability of tumour   always
+    ``cls``         int / 0-d or (1,) tensor: target, 1 = tumour        always
+    ``patient``     str, BraTS patient id                               BraTS
+    ``slice``       int / 0-d tensor, z index of the slice              BraTS
+    ``seg_prob``    (1, H, W) tensor, tumour probability after sigmoid  BraTS
+    ``label``       (1, H, W) tensor, 0/1 ground-truth mask             BraTS
+    ``image``       (C, H, W) tensor, network input                     optional (overlay examples)
+    ``group``       str, duplicate group id                             Kaggle
+    ``cls4``        int / 0-d tensor, 4-class label                     Kaggle, optional
+    ==============  ==================================================  ===========================
+
+    Collated, a BraTS batch therefore holds ``seg_prob``/``label`` of shape (B, 1, H, W), ``cls_prob`` of shape
+    (B,) or (B, 1), ``cls``/``slice`` of shape (B,), ``source``/``patient`` lists of B strings; keys a sample's
+    source does not use are ignored. Masks are binarised at ``threshold`` on the tensor's device and stored
+    bit-packed and cropped; probability maps are not kept.
+
+    Records are reset at every ``EPOCH_STARTED``, so one collector serves repeated runs. With ``results_dir`` set,
+    ``EPOCH_COMPLETED`` also computes the metrics, writes them with :func:`write_results` and adds them to
+    ``engine.state.metrics`` (for tracking handlers attached after this one).
+
+    Distributed runs: only rank 0 records (the handler does nothing elsewhere, so memory is not multiplied) and
+    nothing is gathered. The metrics therefore cover what rank 0 evaluated: run the test evaluation without a
+    sharding sampler (one process, or every rank on the full list) for test-split numbers.
+
+    Args:
+        output_transform: Maps ``engine.state.output`` to the data above.
+        batch_transform: Optional; maps ``engine.state.batch`` to more of the keys above (e.g. ``patient``).
+        batch_keys: Optional; keys taken from the (transformed) batch, e.g. ``["image"]`` for overlay examples
+            when the evaluator's output does not carry the input image.
+        threshold: Binarisation threshold for masks and classes.
+        max_examples: Overlay examples to keep (one slice each from the first patients seen); needs ``image``.
+        results_dir: If set, metrics and report are written there at ``EPOCH_COMPLETED`` (rank 0).
+        patients: ``patients.json`` content or a path to it / to the dataset folder (dropped-slice accounting).
+        spacing: ``(row, column, slice)`` spacing of the stacked volumes, for HD95.
+        min_tumour_pixels: Smallest mask area that makes a slice tumour-positive for detection.
+    """
+
+    def __init__(
+        self,
+        output_transform: Callable[[Any], Any] = lambda x: x,
+        batch_transform: Callable[[Any], Any] | None = None,
+        batch_keys: Sequence[str] | None = None,
+        threshold: float = THRESHOLD,
+        max_examples: int = 4,
+        results_dir: str | os.PathLike[str] | None = None,
+        patients: Mapping[str, Mapping[str, Any]] | str | os.PathLike[str] | None = None,
+        spacing: Sequence[float] = (1.0, 1.0, 1.0),
+        min_tumour_pixels: int = 1,
+    ) -> None:
+        self.output_transform = output_transform
+        self.batch_transform = batch_transform
+        self.batch_keys = tuple(batch_keys or ())
+        self.threshold = float(threshold)
+        self.max_examples = int(max_examples)
+        self.results_dir = None if results_dir is None else Path(results_dir)
+        self.patients = load_patients(patients) if isinstance(patients, (str, os.PathLike)) else patients
+        self.spacing = tuple(float(s) for s in spacing)
+        self.min_tumour_pixels = int(min_tumour_pixels)
+        self.records = self._new_records()
+        self.metrics: dict[str, float] = {}
+        self.per_patient: list[PatientScore] = []
+        self.paths: dict[str, Path] = {}
+
+    def _new_records(self) -> EvaluationRecords:
+        return EvaluationRecords(max_examples=self.max_examples, threshold=self.threshold)
+
+    def attach(self, engine: Engine) -> None:
+        """Register with ``engine``: reset per epoch, record per iteration, optionally write results per epoch."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if self.results_dir is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        """Forget everything recorded."""
+        self.records = self._new_records()
+        if _world_size() > 1 and _is_rank_zero():
+            logger.warning("PredictionCollector records rank 0 only: with a sharded sampler it sees one shard.")
+
+    def __call__(self, engine: Engine) -> None:
+        """Record one iteration's samples."""
+        if not _is_rank_zero():
+            return
+        samples = _samples(self.output_transform(engine.state.output))
+        if self.batch_transform is not None or self.batch_keys:
+            batch = engine.state.batch if self.batch_transform is None else self.batch_transform(engine.state.batch)
+            extra = _samples(batch)
+            if self.batch_keys:
+                extra = [{key: more[key] for key in self.batch_keys if key in more} for more in extra]
+            if len(extra) != len(samples):
+                raise ValueError(f"the batch holds {len(extra)} samples, the output {len(samples)}")
+            samples = [{**more, **sample} for more, sample in zip(extra, samples, strict=True)]
+        for sample in samples:
+            self.add_sample(sample)
+
+    def add_sample(self, sample: Mapping[str, Any]) -> None:
+        """Record one per-sample dict (keys as in the class docstring)."""
+        source = _scalar(sample.get("source"))
+        if source == "brats":
+            missing = [key for key in (*_SEGMENTATION_KEYS, "cls_prob", "cls") if sample.get(key) is None]
+            if missing:
+                raise KeyError(f"BraTS sample without {missing}")
+            self.records.add_brats_slice(
+                patient=str(_scalar(sample["patient"])),
+                z=int(_scalar(sample["slice"])),
+                seg_prob=sample["seg_prob"],
+                label=sample["label"],
+                cls_prob=float(_scalar(sample["cls_prob"])),
+                cls=int(_scalar(sample["cls"])),
+                image=sample.get("image"),
+            )
+        elif source == "kaggle":
+            missing = [key for key in ("group", "cls_prob", "cls") if sample.get(key) is None]
+            if missing:
+                raise KeyError(f"Kaggle sample without {missing}")
+            cls4 = sample.get("cls4")
+            self.records.add_kaggle_image(
+                group=str(_scalar(sample["group"])),
+                cls_prob=float(_scalar(sample["cls_prob"])),
+                cls=int(_scalar(sample["cls"])),
+                cls4=None if cls4 is None else int(_scalar(cls4)),
+            )
+        else:
+            raise ValueError(f"unknown source {source!r}: expected one of {SOURCES}")
+
+    def compute(self) -> tuple[dict[str, float], list[PatientScore]]:
+        """Metrics and per-patient scores of what has been recorded (see :func:`compute_metrics`)."""
+        self.metrics, self.per_patient = compute_metrics(
+            self.records, self.patients, self.spacing, self.min_tumour_pixels, self.threshold
+        )
+        return self.metrics, self.per_patient
+
+    def write(self, engine: Engine | None = None) -> dict[str, Path]:
+        """Compute the metrics and write all results to ``results_dir`` (rank 0 only)."""
+        if not _is_rank_zero():
+            return {}
+        if self.results_dir is None:
+            raise ValueError("PredictionCollector.write needs results_dir")
+        metrics, per_patient = self.compute()
+        self.paths = write_results(metrics, per_patient, self.records, self.results_dir)
+        if engine is not None:
+            engine.state.metrics.update(metrics)
+        logger.info("evaluation results written to %s", self.results_dir)
+        return self.paths
+
+
+def require_model(path: str | os.PathLike[str]) -> Path:
+    """Fail early, with the command that makes it, when the model to evaluate does not exist."""
+    model = Path(path)
+    if not model.is_file():
+        raise FileNotFoundError(
+            f"No trained model at {model}: train it first with `python -m monai.bundle run --config_file "
+            "\"['bundle/configs/train.yaml', PRESET]\" --bundle_root bundle --dataset_dir PREPARED_DIR`."
+        )
+    return model
+
+
+def results_message(collector: PredictionCollector) -> str:
+    """Where the evaluation wrote its results and the headline numbers, printed at the end."""
+    metrics = collector.metrics
+    lines = ["Evaluation on the test split:"]
+    for key in ("brats_patient_dice_mean", "brats_hd95_mean", "brats_cls_roc_auc", "kaggle_cls_roc_auc"):
+        if key in metrics and not math.isnan(metrics[key]):
+            lines.append(f"  {key}: {metrics[key]:.4f}")
+    lines += [f"  {name}: {path}" for name, path in sorted(collector.paths.items())]
+    return "\n".join(lines)
