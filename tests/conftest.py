@@ -1,12 +1,67 @@
-"""Test set-up shared by every test: the bundle's package on sys.path, as `python -m monai.bundle run` puts it."""
+"""Test set-up shared by every test: the bundle's package on sys.path, and real CLI runs on small generated data."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 
+# As `python -m monai.bundle run` does: the bundle root on sys.path makes its package importable as `scripts`.
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
+
+# Tiny settings that let a real bundle run finish in seconds on 2 CPU cores.
+TINY_SIZE = 32
+TINY_OVERRIDES = (
+    "--base_filters", "8", "--depth", "3", "--image_size", str(TINY_SIZE), "--batch_size", "8",
+    "--num_workers", "0", "--epochs", "{'1': 1, '2': 1, '3': 1}",
+)  # fmt: skip
+
+
+def run_cli(args: list[str], timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command from the repository root, as a user would; on failure, fail with its output."""
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{args} exited {result.returncode}\n--- stdout ---\n{result.stdout[-6000:]}\n"
+            f"--- stderr ---\n{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def bundle_command(config_files: list[str], *overrides: str, launcher: tuple[str, ...] = ()) -> list[str]:
+    """The ``python -m monai.bundle run`` command line for these config files, as the README writes it."""
+    return [
+        sys.executable, *launcher, "-m", "monai.bundle", "run", "--config_file", repr(config_files),
+        "--bundle_root", "bundle", *overrides,
+    ]  # fmt: skip
+
+
+def bundle_run(config_files: list[str], *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run`` from the repository root."""
+    return run_cli(bundle_command(config_files, *overrides), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def synthetic_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic BraTS-2021 and Kaggle data in the real layouts, at the generator's small test size."""
+    out = tmp_path_factory.mktemp("synthetic") / "data"
+    run_cli([sys.executable, "scripts/make_synthetic_data.py", "--out", str(out), "--small", "--seed", "3"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_small(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small synthetic data prepared as the bundle reads it, at TINY_SIZE."""
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    brats, kaggle = str(synthetic_small / "brats"), str(synthetic_small / "kaggle")
+    run_cli([sys.executable, "scripts/prepare_data.py", "--brats", brats, "--kaggle", kaggle, "--out", str(out),
+             "--size", str(TINY_SIZE)])  # fmt: skip
+    return out

@@ -361,8 +361,8 @@ def per_patient_dropped(collector: PredictionCollector) -> list[int]:
 
 def test_collector_rejects_incomplete_samples() -> None:
     collector = PredictionCollector()
-    with pytest.raises(KeyError, match="seg_prob"):
-        collector.add_sample({"source": "brats", "patient": "p", "slice": 0, "cls_prob": 0.5, "cls": 1})
+    with pytest.raises(KeyError, match="label"):
+        collector.add_sample({"source": "brats", "patient": "p", "slice": 0, "seg_prob": np.zeros((1, 4, 4))})
     with pytest.raises(ValueError, match="unknown source"):
         collector.add_sample({"source": "other", "cls_prob": 0.5, "cls": 1})
 
@@ -405,3 +405,16 @@ def test_metrics_json_is_replaced_atomically(tmp_path: Path, monkeypatch: pytest
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_single_task_models_record_only_their_task() -> None:
+    mask = np.zeros((1, 4, 4), dtype=np.float32)
+    mask[0, 1:3, 1:3] = 1
+    collector = PredictionCollector()
+    # A segmentation-only model: masks, no classification.
+    collector.add_sample({"source": "brats", "patient": "p", "slice": 0, "seg_prob": mask, "label": mask})
+    # A classification-only model: classification, no masks.
+    collector.add_sample({"source": "brats", "patient": "q", "slice": 3, "cls_prob": 0.9, "cls": 1})
+    records = collector.records
+    assert [(s.patient, s.z) for s in records.slices] == [("p", 0)]
+    assert [(c.key, c.z, c.target) for c in records.classifications] == [("q", 3, 1)]

@@ -92,23 +92,28 @@ class MultiTaskEvalStep:
 
     Args:
         tasks: the tasks to evaluate ("seg", "cls").
+        segment_unlabelled: also segment batches without a mask (inference); by default only batches with a
+            ``label`` are segmented, so Kaggle images in a validation pass skip the decoder.
     """
 
-    def __init__(self, tasks: Sequence[str] = ("seg", "cls")) -> None:
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), segment_unlabelled: bool = False) -> None:
         self.tasks = tuple(tasks)
+        self.segment_unlabelled = segment_unlabelled
 
     def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
         device = engine.state.device
         images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
         targets = batch_targets(batch, self.tasks, device)
-        do_seg, do_cls = "seg" in targets, "cls" in self.tasks
+        do_seg = "seg" in targets or ("seg" in self.tasks and self.segment_unlabelled)
+        do_cls = "cls" in self.tasks
         engine.network.eval()
         with torch.inference_mode(), _autocast(engine, device):
             outputs = engine.inferer(images, engine.network, do_seg=do_seg, do_cls=do_cls)
         result: dict[str, Any] = {key: batch[key] for key in PASSTHROUGH_KEYS if key in batch}
         if do_seg:
             result["seg_prob"] = torch.sigmoid(outputs["seg"].float())
-            result["label"] = targets["seg"]
+            if "seg" in targets:
+                result["label"] = targets["seg"]
         if do_cls:
             result["cls_prob"] = torch.softmax(outputs["cls"].float(), dim=1)[:, 1]
             if "cls" in targets:

@@ -213,8 +213,8 @@ class EvaluationRecords:
         z: int,
         seg_prob: Any,
         label: Any,
-        cls_prob: float,
-        cls: int,
+        cls_prob: float | None = None,
+        cls: int | None = None,
         image: Any | None = None,
     ) -> SliceMasks:
         """Record one BraTS slice.
@@ -224,8 +224,8 @@ class EvaluationRecords:
             z: Slice index.
             seg_prob: ``(1, H, W)`` or ``(H, W)`` tumour probability (numpy or torch); binarised at ``threshold``.
             label: Ground-truth mask of the same shape, 0/1.
-            cls_prob: Probability of tumour from the classification head.
-            cls: Classification target, 0/1.
+            cls_prob: Probability of tumour from the classification head (None for a segmentation-only model).
+            cls: Classification target, 0/1 (None with ``cls_prob``).
             image: Optional ``(C, H, W)`` input; used only if the slice becomes an overlay example.
 
         Returns:
@@ -234,10 +234,15 @@ class EvaluationRecords:
         pred = _to_numpy(_binarise(seg_prob, self.threshold))
         masks = SliceMasks.from_masks(patient, z, pred, _to_numpy(label) > 0.5)
         self.slices.append(masks)
-        self.classifications.append(ClassificationRecord("brats", masks.patient, float(cls_prob), int(cls), masks.z))
+        if cls_prob is not None and cls is not None:
+            self.add_brats_classification(masks.patient, masks.z, cls_prob, cls)
         if image is not None:
             self._offer_example(masks, image)
         return masks
+
+    def add_brats_classification(self, patient: str, z: int, cls_prob: float, cls: int) -> None:
+        """Record one BraTS slice's classification alone (a classification-only model has no mask)."""
+        self.classifications.append(ClassificationRecord("brats", str(patient), float(cls_prob), int(cls), int(z)))
 
     def add_kaggle_image(self, group: str, cls_prob: float, cls: int, cls4: int | None = None) -> None:
         """Record one Kaggle image's classification (``group``: its duplicate group id)."""
@@ -915,18 +920,21 @@ class PredictionCollector:
         """Record one per-sample dict (keys as in the class docstring)."""
         source = _scalar(sample.get("source"))
         if source == "brats":
-            missing = [key for key in (*_SEGMENTATION_KEYS, "cls_prob", "cls") if sample.get(key) is None]
-            if missing:
+            # A segmentation-only model gives no cls_prob, a classification-only model no seg_prob.
+            has_seg = all(sample.get(key) is not None for key in _SEGMENTATION_KEYS)
+            has_cls = sample.get("cls_prob") is not None and sample.get("cls") is not None
+            if not (has_seg or has_cls) or sample.get("patient") is None or sample.get("slice") is None:
+                missing = [key for key in (*_SEGMENTATION_KEYS, "cls_prob", "cls") if sample.get(key) is None]
                 raise KeyError(f"BraTS sample without {missing}")
-            self.records.add_brats_slice(
-                patient=str(_scalar(sample["patient"])),
-                z=int(_scalar(sample["slice"])),
-                seg_prob=sample["seg_prob"],
-                label=sample["label"],
-                cls_prob=float(_scalar(sample["cls_prob"])),
-                cls=int(_scalar(sample["cls"])),
-                image=sample.get("image"),
-            )
+            patient, z = str(_scalar(sample["patient"])), int(_scalar(sample["slice"]))
+            cls_prob = float(_scalar(sample["cls_prob"])) if has_cls else None
+            cls = int(_scalar(sample["cls"])) if has_cls else None
+            if has_seg:
+                self.records.add_brats_slice(
+                    patient, z, sample["seg_prob"], sample["label"], cls_prob, cls, image=sample.get("image")
+                )
+            else:
+                self.records.add_brats_classification(patient, z, cls_prob, cls)
         elif source == "kaggle":
             missing = [key for key in ("group", "cls_prob", "cls") if sample.get(key) is None]
             if missing:

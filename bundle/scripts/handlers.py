@@ -64,3 +64,45 @@ class BestCheckpoint:
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
+
+
+class SlicePredictionWriter:
+    """Write each slice's predicted mask (``.npy``, uint8) and a JSON of tumour probabilities per slice.
+
+    Attach to an evaluator whose (collated) outputs carry ``seg_prob``, ``cls_prob``, ``patient`` and ``slice``,
+    as :class:`~scripts.engines.MultiTaskEvalStep` gives them. The JSON is written when the run completes.
+
+    Args:
+        output_dir: folder for ``<patient>/z<slice>_mask.npy`` files and ``predictions.json``.
+    """
+
+    def __init__(self, output_dir: str) -> None:
+        self.output_dir = output_dir
+        self.predictions: list[dict[str, Any]] = []
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.save_batch)
+        engine.add_event_handler(Events.COMPLETED, self.save_summary)
+
+    def save_batch(self, engine: Any) -> None:
+        import numpy as np
+
+        output = engine.state.output
+        masks = (output["seg_prob"] >= 0.5).to(torch.uint8).cpu().numpy()
+        for index, (patient, z) in enumerate(zip(output["patient"], output["slice"].tolist(), strict=True)):
+            folder = os.path.join(self.output_dir, patient)
+            os.makedirs(folder, exist_ok=True)
+            np.save(os.path.join(folder, f"z{z:03d}_mask.npy"), masks[index])
+            probability = float(output["cls_prob"][index])
+            self.predictions.append(
+                {"patient": patient, "slice": z, "tumour_probability": probability, "tumour": probability >= 0.5}
+            )
+
+    def save_summary(self, engine: Any) -> None:
+        import json
+
+        os.makedirs(self.output_dir, exist_ok=True)
+        partial = os.path.join(self.output_dir, "predictions.json.partial")
+        with open(partial, "w") as file:
+            json.dump(self.predictions, file, indent=1)
+        os.replace(partial, os.path.join(self.output_dir, "predictions.json"))

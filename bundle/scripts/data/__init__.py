@@ -1,0 +1,1 @@
+"""Data preparation: BraTS volumes and slices, Kaggle images, duplicates and splits."""

@@ -1,0 +1,334 @@
+"""The MONAI bundle: model-zoo checks, and real `python -m monai.bundle run` training, evaluation and resumption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BUNDLE_ROOT, REPO_ROOT, TINY_OVERRIDES, bundle_command, bundle_run, run_cli
+from monai.bundle import ConfigWorkflow
+
+TRAIN = "bundle/configs/train.yaml"
+EVALUATE = "bundle/configs/evaluate.yaml"
+MULTI_GPU = "bundle/configs/multi_gpu_train.yaml"
+SCHEMA = REPO_ROOT / "tests" / "resources" / "meta_schema_20240725.json"
+# The hash MONAI's own tests record for the official schema.
+SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+
+
+def test_metadata_is_valid_against_the_official_schema() -> None:
+    assert hashlib.md5(SCHEMA.read_bytes()).hexdigest() == SCHEMA_MD5
+    result = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            "bundle/configs/metadata.json",
+            "--filepath",
+            str(SCHEMA),
+        ]
+    )
+    assert "metadata is verified with no error" in result.stdout + result.stderr
+    metadata = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+    formats = metadata["network_data_format"]
+    assert set(formats["inputs"]) == {"image"} and set(formats["outputs"]) == {"pred", "cls"}
+
+
+def test_bundle_has_the_model_zoo_layout() -> None:
+    for name in (
+        "metadata.json",
+        "train.yaml",
+        "evaluate.yaml",
+        "inference.yaml",
+        "multi_gpu_train.yaml",
+        "logging.conf",
+    ):
+        assert (BUNDLE_ROOT / "configs" / name).is_file(), name
+    assert (BUNDLE_ROOT / "docs" / "README.md").is_file()
+    assert (BUNDLE_ROOT / "LICENSE").is_file()
+    tracked = run_cli(["git", "ls-files", "bundle"]).stdout.split()
+    assert not [path for path in tracked if path.startswith("bundle/models/")], "weights are build outputs"
+    assert all((REPO_ROOT / path).stat().st_size < 1_000_000 for path in tracked)
+
+
+def _workflow(config_files: list[str], workflow_type: str, dataset_dir: Path, **overrides) -> ConfigWorkflow:
+    workflow = ConfigWorkflow(
+        config_file=[str(REPO_ROOT / f) for f in config_files],
+        meta_file=str(BUNDLE_ROOT / "configs" / "metadata.json"),
+        logging_file=str(BUNDLE_ROOT / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(dataset_dir),
+        **overrides,
+    )
+    workflow.initialize()
+    return workflow
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        [],
+        ["configs/demo.yaml"],
+        ["configs/demo.yaml", "configs/baseline_seg.yaml"],
+        ["configs/demo.yaml", "configs/baseline_cls.yaml"],
+        ["configs/full.yaml"],
+    ],
+)
+def test_train_workflow_properties(stage: int, preset: list[str], prepared_small: Path, tmp_path: Path) -> None:
+    # Stages 2 and 3 start from the previous stage's best checkpoint: give them one, as stage 1 would.
+    for previous in (1, 2):
+        for variant in ("multitask", "baseline_seg", "baseline_cls"):
+            best = tmp_path / variant / f"stage{previous}" / "best.pt"
+            best.parent.mkdir(parents=True, exist_ok=True)
+            best.touch()
+    workflow = _workflow([TRAIN, *preset], "train", prepared_small, stage=stage, ckpt_dir=str(tmp_path))
+    assert workflow.check_properties() == []
+    assert workflow.trainer is not None and workflow.evaluator is not None
+
+
+def test_evaluate_and_multi_gpu_workflow_properties(prepared_small: Path, tmp_path: Path) -> None:
+    evaluate = _workflow([TRAIN, EVALUATE, "configs/demo.yaml"], "train", prepared_small, ckpt_dir=str(tmp_path))
+    assert evaluate.check_properties() == []
+    inference_view = _workflow([TRAIN, EVALUATE], "infer", prepared_small, ckpt_dir=str(tmp_path))
+    assert inference_view.check_properties() == []
+    # Stage 0 only launches the stages, so it needs no process group; the 2-process test runs a real stage.
+    multi_gpu = _workflow([TRAIN, MULTI_GPU], "train", prepared_small, stage=0)
+    assert multi_gpu.check_properties() == []
+
+
+def _stage_files(ckpt_dir: Path, variant: str, stage: int) -> set[str]:
+    return {p.name for p in (ckpt_dir / variant / f"stage{stage}").iterdir()}
+
+
+@pytest.fixture(scope="module")
+def trained(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """All three stages through the real CLI (stage 0 runs them in order), then the test-split evaluation."""
+    root = tmp_path_factory.mktemp("trained")
+    dirs = {"ckpt": root / "models", "eval": root / "eval", "data": prepared_small}
+    common = ["--dataset_dir", str(prepared_small), "--ckpt_dir", str(dirs["ckpt"]), "--output_dir", str(dirs["eval"])]
+    dirs["train_log"] = root / "train.log"
+    result = bundle_run([TRAIN, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
+    dirs["train_log"].write_text(result.stdout + result.stderr)
+    result = bundle_run([TRAIN, EVALUATE, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
+    dirs["eval_log"] = root / "eval.log"
+    dirs["eval_log"].write_text(result.stdout + result.stderr)
+    return dirs
+
+
+def test_all_three_stages_run_in_order_and_save_checkpoints(trained: dict[str, Path]) -> None:
+    log = trained["train_log"].read_text()
+    starts = [log.index(f"=== stage {stage} ") for stage in (1, 2, 3)]
+    assert starts == sorted(starts)
+    for stage in (1, 2, 3):
+        assert {"best.pt", "checkpoint_epoch=1.pt"} <= _stage_files(trained["ckpt"], "multitask", stage)
+    assert "Restored all variables from" in log and "stage1/best.pt" in log and "stage2/best.pt" in log
+    # Stage 2 trains only the head; stage 3 everything.
+    assert re.search(r"stage 2 \(classification head\): tasks \['cls'\], training \['cls_head'\]", log)
+    assert re.search(r"stage 3 \(joint fine-tuning\): tasks \['seg', 'cls'\]", log)
+    final = torch.load(trained["ckpt"] / "model.pt", map_location="cpu")
+    best3 = torch.load(trained["ckpt"] / "multitask" / "stage3" / "best.pt", map_location="cpu")
+    assert final.keys() == best3.keys() and all(torch.equal(final[k], best3[k]) for k in final)
+
+
+def test_stage_two_keeps_encoder_and_decoder_of_stage_one(trained: dict[str, Path]) -> None:
+    stage1 = torch.load(trained["ckpt"] / "multitask" / "stage1" / "best.pt", map_location="cpu")
+    stage2 = torch.load(trained["ckpt"] / "multitask" / "stage2" / "best.pt", map_location="cpu")
+    frozen = [k for k in stage1 if k.startswith(("encoder.", "decoder."))]
+    assert frozen and all(torch.equal(stage1[k], stage2[k]) for k in frozen), "frozen parts moved in stage 2"
+    head = [k for k in stage1 if k.startswith("cls_head.") and "weight" in k]
+    assert any(not torch.equal(stage1[k], stage2[k]) for k in head), "the head did not train in stage 2"
+
+
+def test_evaluation_writes_flat_metrics_and_report(trained: dict[str, Path]) -> None:
+    metrics = json.loads((trained["eval"] / "metrics.json").read_text())
+    for key in (
+        "brats_patient_dice_mean",
+        "brats_hd95_mean",
+        "brats_slice_dice_mean",
+        "brats_slice_detection_sensitivity",
+        "brats_slice_detection_specificity",
+        "brats_cls_accuracy",
+        "brats_cls_balanced_accuracy",
+        "brats_cls_roc_auc",
+        "brats_cls_f1",
+        "brats_cls_confusion_tp",
+        "kaggle_cls_accuracy",
+        "kaggle_cls_balanced_accuracy",
+        "kaggle_cls_roc_auc",
+        "kaggle_cls_f1",
+        "kaggle_cls_confusion_tn",
+    ):
+        assert key in metrics, key
+    assert all(value is None or isinstance(value, (int, float)) for value in metrics.values())
+    assert 0.0 <= metrics["brats_patient_dice_mean"] <= 1.0
+    patients = json.loads((trained["data"] / "patients.json").read_text())
+    assert metrics["brats_patients"] == sum(1 for p in patients.values() if p["split"] == "test")
+    datalist = json.loads((trained["data"] / "datalist.json").read_text())
+    assert metrics["kaggle_cls_n"] == len(datalist["kaggle_test"])
+    assert metrics["brats_cls_n"] == len(datalist["brats_test"])
+    for name in ("report.md", "roc.png", "patient_dice.png"):
+        assert (trained["eval"] / name).stat().st_size > 0
+
+
+def test_a_stage_without_its_starting_checkpoint_fails_clearly(prepared_small: Path, tmp_path: Path) -> None:
+    result = bundle_run(
+        [TRAIN, "configs/demo.yaml"],
+        "--dataset_dir",
+        str(prepared_small),
+        "--ckpt_dir",
+        str(tmp_path),
+        "--stage",
+        "2",
+        *TINY_OVERRIDES,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "run stage 1 first" in result.stderr + result.stdout
+
+
+def test_missing_prepared_data_fails_clearly(tmp_path: Path) -> None:
+    result = bundle_run(
+        [TRAIN, "configs/demo.yaml"],
+        "--dataset_dir",
+        str(tmp_path / "nowhere"),
+        "--ckpt_dir",
+        str(tmp_path),
+        "--stage",
+        "1",
+        *TINY_OVERRIDES,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "No datalist at" in result.stderr + result.stdout and "prepare_data.py" in result.stderr + result.stdout
+
+
+def test_baselines_keep_their_checkpoints_apart(trained: dict[str, Path]) -> None:
+    model = trained["ckpt"] / "model.pt"
+    before = hashlib.sha256(model.read_bytes()).hexdigest()
+    common = [
+        "--dataset_dir",
+        str(trained["data"]),
+        "--ckpt_dir",
+        str(trained["ckpt"]),
+        "--output_dir",
+        str(trained["eval"]),
+    ]
+    for variant, stage in (("baseline_seg", 1), ("baseline_cls", 2)):
+        preset = f"configs/{variant}.yaml"
+        bundle_run([TRAIN, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
+        assert {"best.pt", "checkpoint_epoch=2.pt"} <= _stage_files(trained["ckpt"], variant, stage)
+        assert (trained["ckpt"] / variant / "model.pt").is_file()
+        bundle_run([TRAIN, EVALUATE, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
+        metrics = json.loads((trained["eval"] / variant / "metrics.json").read_text())
+        if variant == "baseline_seg":
+            assert metrics["brats_patient_dice_mean"] is not None and metrics["kaggle_cls_n"] == 0
+        else:
+            assert metrics["kaggle_cls_n"] > 0 and metrics["brats_slices"] == 0
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == before, "a baseline overwrote the multi-task model"
+    # Budget: the baselines train for stage 1 + 3 (seg) and stage 2 + 3 (cls) epochs: 2 each here.
+
+
+def _epochs_run(log: str, total: int) -> list[int]:
+    return sorted({int(m) for m in re.findall(rf"Epoch: (\d+)/{total}, Iter", log)})
+
+
+def test_interrupted_stage_resumes_and_restart_starts_over(prepared_small: Path, tmp_path: Path) -> None:
+    epochs = 12
+    args = [
+        "--dataset_dir",
+        str(prepared_small),
+        "--ckpt_dir",
+        str(tmp_path),
+        "--stage",
+        "1",
+        *TINY_OVERRIDES,
+        "--epochs#1",
+        str(epochs),
+    ]
+    stage_dir = tmp_path / "multitask" / "stage1"
+    process = subprocess.Popen(
+        bundle_command([TRAIN, "configs/demo.yaml"], *args),
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not list(stage_dir.glob("checkpoint_epoch=[2-9].pt")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no epoch checkpoint appeared"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = max(int(re.search(r"=(\d+)", p.name).group(1)) for p in stage_dir.glob("checkpoint_epoch=*.pt"))
+    assert 2 <= saved < epochs, "the run finished before it could be interrupted"
+
+    resumed = bundle_run([TRAIN, "configs/demo.yaml"], *args)
+    log = resumed.stdout + resumed.stderr
+    assert f"checkpoint_epoch={saved}.pt" in log
+    assert _epochs_run(log, epochs) == list(range(saved + 1, epochs + 1))
+    assert _stage_files(tmp_path, "multitask", 1) == {"best.pt", f"checkpoint_epoch={epochs}.pt"}
+
+    best_state = torch.load(stage_dir / f"checkpoint_epoch={epochs}.pt", map_location="cpu")["best"]
+    assert best_state["best_epoch"] >= 1 and not math.isinf(best_state["best_metric"])
+
+    restarted = bundle_run([TRAIN, "configs/demo.yaml"], *args, "--restart", "true", "--epochs#1", "2")
+    assert _epochs_run(restarted.stdout + restarted.stderr, 2) == [1, 2]
+
+
+def test_same_seed_gives_the_same_model(prepared_small: Path, tmp_path: Path) -> None:
+    states = []
+    for run in ("a", "b"):
+        bundle_run(
+            [TRAIN, "configs/demo.yaml"],
+            "--dataset_dir",
+            str(prepared_small),
+            "--ckpt_dir",
+            str(tmp_path / run),
+            "--stage",
+            "1",
+            *TINY_OVERRIDES,
+            "--epochs#1",
+            "2",
+        )
+        states.append(torch.load(tmp_path / run / "multitask" / "stage1" / "checkpoint_epoch=2.pt", map_location="cpu"))
+    first, second = (state["model"] for state in states)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert states[0]["best"] == states[1]["best"]
+
+
+def test_two_process_distributed_training_on_cpu(prepared_small: Path, tmp_path: Path) -> None:
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    command = bundle_command(
+        [TRAIN, "configs/demo.yaml", MULTI_GPU],
+        "--dataset_dir",
+        str(prepared_small),
+        "--ckpt_dir",
+        str(tmp_path),
+        "--stage",
+        "1",
+        *TINY_OVERRIDES,
+        "--epochs#1",
+        "2",
+        launcher=launcher,
+    )
+    result = run_cli(command)
+    log = result.stdout + result.stderr
+    assert {"best.pt", "checkpoint_epoch=2.pt"} <= _stage_files(tmp_path, "multitask", 1)
+    # Each process trains on half of the batches: the epoch has half as many iterations as one process would run.
+    datalist = json.loads((prepared_small / "datalist.json").read_text())
+    per_process = math.ceil(math.ceil(len(datalist["brats_training"]) / 2) / 8)
+    assert re.search(rf"Epoch: 2/2, Iter: {per_process}/{per_process} ", log)
+    assert log.count("Epoch: 2/2, Iter: 1/") == 1, "only rank 0 logs"
