@@ -106,3 +106,31 @@ class SlicePredictionWriter:
         with open(partial, "w") as file:
             json.dump(self.predictions, file, indent=1)
         os.replace(partial, os.path.join(self.output_dir, "predictions.json"))
+
+
+class KeepLatestEpochCheckpoint:
+    """After each epoch, delete every ``checkpoint_epoch=N.pt`` in a folder but the newest.
+
+    The epoch saver keeps one file within a process, but a resumed process does not know the file the interrupted
+    one left behind; without this, a resumed stage would end with two "last" checkpoints.
+
+    Args:
+        directory: the stage's checkpoint folder.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        import glob
+        import re
+
+        def epoch_of(path: str) -> int:
+            return int(re.search(r"checkpoint_epoch=(\d+)\.pt$", path).group(1))
+
+        checkpoints = sorted(glob.glob(os.path.join(self.directory, "checkpoint_epoch=*.pt")), key=epoch_of)
+        for path in checkpoints[:-1]:
+            os.remove(path)
