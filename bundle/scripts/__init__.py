@@ -1,8 +1,22 @@
 """The bundle's Python package: what its configs cannot say themselves.
 
 MONAI bundle configs reach this package as ``scripts`` (``$import scripts``), with the bundle root on sys.path.
+Submodules load on first use (``scripts.stages`` in a config imports ``stages`` then), so that a data-preparation
+run does not pay for importing the training stack.
 """
 
-from . import datasets, engines, evaluation, handlers, loaders, losses, metrics, networks, stages
+from __future__ import annotations
 
-__all__ = ["datasets", "engines", "evaluation", "handlers", "loaders", "losses", "metrics", "networks", "stages"]
+import importlib
+from types import ModuleType
+
+__all__ = ["data", "datasets", "engines", "evaluation", "handlers", "loaders", "losses", "metrics", "networks",
+           "report", "stages"]  # fmt: skip
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name in __all__:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

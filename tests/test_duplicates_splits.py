@@ -1,0 +1,241 @@
+"""Duplicate grouping (exact and perceptual) and the patient / duplicate-group splits."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scripts.data import duplicates, splits
+
+
+def textured(seed: int, size: int = 256) -> np.ndarray:
+    """A head-like ellipse with smooth random internal structure, uint8."""
+    rng = np.random.default_rng(seed)
+    rows, cols = np.mgrid[:size, :size] / size
+    field = np.zeros((size, size))
+    for _ in range(6):
+        fy, fx, phase = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 2 * np.pi)
+        field += np.sin(2 * np.pi * (fy * rows + fx * cols) + phase)
+    centre_y, centre_x = 0.5 + rng.normal(0, 0.03, 2)
+    inside = ((rows - centre_y) / rng.uniform(0.35, 0.45)) ** 2 + ((cols - centre_x) / rng.uniform(0.3, 0.4)) ** 2 < 1
+    return np.clip(np.where(inside, 120 + 25 * field, 0), 0, 255).astype(np.uint8)
+
+
+def reencoded(array: np.ndarray, quality: int = 70, scale: float = 0.75) -> np.ndarray:
+    """JPEG re-encode at lower quality after resizing: what re-publishing an image does to it."""
+    image = Image.fromarray(array)
+    image = image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return np.asarray(Image.open(buffer), dtype=np.float32)
+
+
+def phash(array: np.ndarray) -> int:
+    return duplicates.perceptual_hash(np.asarray(array, dtype=np.float32))
+
+
+def distance(a: int, b: int) -> int:
+    return int(duplicates.popcount64(np.array([a ^ b], dtype=np.uint64))[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Perceptual hash and pairwise distances
+
+
+def fingerprint(array: np.ndarray, name: str) -> duplicates.ImageHashes:
+    """Fingerprints as the CLI computes them; ``name`` stands in for the byte and pixel hashes."""
+    return duplicates.image_hashes(np.asarray(array, dtype=np.float32), f"file-{name}", f"pixels-{name}")
+
+
+COPIES = {
+    "jpeg q70 + resize 0.75": reencoded,
+    "resize 0.5": lambda a: reencoded(a, quality=95, scale=0.5),
+    "brightness +25": lambda a: np.clip(a.astype(np.float32) + 25, 0, 255),
+    "foreground brightness +25": lambda a: np.clip(a.astype(np.float32) + 25 * (a > 0), 0, 255),
+    "intensity x0.8": lambda a: a * 0.8,
+    "gamma 0.8": lambda a: 255 * (a / 255.0) ** 0.8,
+}
+
+
+@pytest.mark.parametrize("name", sorted(COPIES))
+def test_near_copies_are_grouped(name: str) -> None:
+    original = textured(1)
+    copy = COPIES[name](original)
+    assert distance(phash(original), phash(copy)) <= duplicates.DEFAULT_NEAR_DISTANCE
+    groups = duplicates.group_duplicates([fingerprint(original, "a"), fingerprint(copy, "b")])
+    assert groups.labels.tolist() == [0, 0] and groups.kinds == ["near"]
+
+
+def test_distinct_images_are_not_merged() -> None:
+    fingerprints = [fingerprint(textured(seed), str(seed)) for seed in range(60)]
+    groups = duplicates.group_duplicates(fingerprints)
+    assert groups.count == 60 and groups.near_links == 0
+
+
+def test_hash_candidates_need_correlated_thumbnails() -> None:
+    """Two images with identical hashes but unrelated content stay apart; without signatures the hash decides."""
+    a, b = fingerprint(textured(3), "a"), fingerprint(textured(4), "b")
+    forged = duplicates.ImageHashes(b.file_sha256, b.pixel_sha256, a.phash, b.signature)
+    assert duplicates.group_duplicates([a, forged]).count == 2
+    assert duplicates.group_duplicates([a, forged], min_correlation=-1).count == 1
+    bare = [duplicates.ImageHashes("x", "x1", a.phash), duplicates.ImageHashes("y", "y1", a.phash)]
+    groups = duplicates.group_duplicates(bare)
+    assert groups.count == 1 and groups.near_candidates == 1
+
+
+def test_popcount_fallback_matches() -> None:
+    values = np.random.default_rng(0).integers(0, 2**63, 1000, dtype=np.uint64) * np.uint64(2)
+    expected = np.array([bin(int(value)).count("1") for value in values])
+    assert np.array_equal(duplicates.popcount64(values), expected)
+    table = duplicates._BYTE_POPCOUNT[values.view(np.uint8).reshape(-1, 8)].sum(axis=1)
+    assert np.array_equal(table, expected)
+
+
+def test_near_pairs_matches_brute_force_across_chunks() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 2**64, 50, dtype=np.uint64)
+    flips = np.uint64(1) << rng.integers(0, 64, 50).astype(np.uint64)
+    hashes = np.concatenate([base, base ^ flips, base[:5]])
+    pairs = duplicates.near_pairs(hashes, 2, chunk_rows=7)
+    brute = {
+        (i, j)
+        for i in range(len(hashes))
+        for j in range(i + 1, len(hashes))
+        if bin(int(hashes[i]) ^ int(hashes[j])).count("1") <= 2
+    }
+    assert {tuple(pair) for pair in pairs.tolist()} == brute
+    assert len(duplicates.near_pairs(hashes, -1)) == 0
+
+
+def test_grouping_7000_hashes_takes_seconds() -> None:
+    hashes = [
+        duplicates.ImageHashes(str(i), str(i), int(code))
+        for i, code in enumerate(np.random.default_rng(2).integers(0, 2**64, 7023, dtype=np.uint64))
+    ]
+    started = time.perf_counter()
+    groups = duplicates.group_duplicates(hashes, duplicates.DEFAULT_NEAR_DISTANCE)
+    assert time.perf_counter() - started < 10
+    assert groups.count == 7023
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Grouping
+
+
+def test_groups_join_exact_and_near_copies_and_keep_others_apart() -> None:
+    a, b, c = textured(10), textured(11), textured(12)
+    fingerprints = [
+        duplicates.ImageHashes("fa", "pa", phash(a)),
+        duplicates.ImageHashes("fb", "pb", phash(b)),
+        duplicates.ImageHashes("fa2", "pa", phash(a)),  # re-saved losslessly: same pixels, other bytes
+        duplicates.ImageHashes("fc", "pc", phash(c)),
+        duplicates.ImageHashes("fb2", "pb2", phash(reencoded(b))),  # re-encoded: near copy
+        duplicates.ImageHashes("fa", "pa", phash(a)),  # byte copy
+    ]
+    groups = duplicates.group_duplicates(fingerprints)
+    assert groups.labels.tolist() == [0, 1, 0, 2, 1, 0]
+    assert groups.kinds == ["exact", "near", "single"]
+    assert groups.sizes().tolist() == [3, 2, 1]
+    assert groups.exact_links == 2 and groups.near_links == 1
+    off = duplicates.group_duplicates(fingerprints, max_distance=-1)
+    assert off.labels.tolist() == [0, 1, 0, 2, 3, 0]
+
+
+def test_near_links_chain_into_one_group() -> None:
+    base = 0xFFFF_0000_FFFF_0000
+    chain = [base, base ^ 0b111, base ^ 0b111111, base ^ 0b111111111]
+    fingerprints = [duplicates.ImageHashes(str(i), str(i), code) for i, code in enumerate(chain)]
+    assert duplicates.group_duplicates(fingerprints, max_distance=3).labels.tolist() == [0, 0, 0, 0]
+    assert duplicates.group_duplicates([], 3).count == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Patient split
+
+
+def test_patient_split_is_deterministic_and_order_free() -> None:
+    patients = [f"BraTS2021_{i:05d}" for i in range(100)]
+    first = splits.split_patients(patients, seed=3)
+    assert first == splits.split_patients(list(reversed(patients)), seed=3)
+    assert first != splits.split_patients(patients, seed=4)
+    assert Counter(first.values()) == {"training": 70, "validation": 15, "test": 15}
+
+
+@pytest.mark.parametrize(
+    ("count", "expected"), [(1, (1, 0, 0)), (2, (2, 0, 0)), (3, (1, 1, 1)), (10, (6, 2, 2)), (20, (14, 3, 3))]
+)
+def test_small_patient_counts(count: int, expected: tuple[int, int, int]) -> None:
+    assignment = splits.split_patients([f"p{i}" for i in range(count)])
+    counts = Counter(assignment.values())
+    assert (counts["training"], counts["validation"], counts["test"]) == expected
+
+
+def test_zero_fraction_is_respected_and_bad_fractions_fail() -> None:
+    assignment = splits.split_patients([f"p{i}" for i in range(10)], fractions=(0.8, 0.0, 0.2))
+    assert "validation" not in assignment.values()
+    for bad in [(0.5, 0.5, 0.5), (0.0, 0.5, 0.5), (0.7, -0.1, 0.4), (1.0, 0.0)]:
+        with pytest.raises(ValueError):
+            splits.check_fractions(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kaggle split by duplicate group
+
+
+def kaggle_items() -> list[splits.KaggleItem]:
+    items = []
+    for cls4 in range(4):
+        for i in range(20):
+            group = f"g{cls4}_{i}"
+            items.append(splits.KaggleItem(f"Training/c{cls4}/tr_{i:02d}.jpg", "Training", cls4, group))
+            if i < 4:
+                # A copy of the training image in Testing: the whole group must go to test.
+                items.append(splits.KaggleItem(f"Testing/c{cls4}/te_{i:02d}.jpg", "Testing", cls4, group))
+            if 10 <= i < 13:
+                # A second Training copy: the group is one unit wherever it lands.
+                items.append(splits.KaggleItem(f"Training/c{cls4}/tr_{i:02d}_copy.jpg", "Training", cls4, group))
+        items.append(splits.KaggleItem(f"Testing/c{cls4}/te_only.jpg", "Testing", cls4, f"t{cls4}"))
+    return items
+
+
+def test_kaggle_split_moves_groups_touching_testing_and_keeps_one_copy() -> None:
+    items = kaggle_items()
+    assignment = splits.split_kaggle(items, val_fraction=0.25, seed=0)
+    group_split: dict[str, set[str]] = {}
+    for item in items:
+        group_split.setdefault(item.group, set()).add(assignment[item.key].split)
+    assert all(len(found) == 1 for found in group_split.values())
+    for item in items:
+        result = assignment[item.key]
+        if item.group.startswith("t") or int(item.group.split("_")[1]) < 4:
+            assert result.split == "test"
+            assert result.kept == (item.folder == "Testing")
+            assert result.moved == (item.folder == "Training")
+    kept_groups = Counter(
+        item.group for item in items if assignment[item.key].kept and assignment[item.key].split != "training"
+    )
+    assert set(kept_groups.values()) == {1}
+    training_keys = [item.key for item in items if assignment[item.key].split == "training"]
+    assert all(assignment[key].kept for key in training_keys)
+    # Validation: a quarter of the 16 Training-only groups of each class.
+    val_labels = Counter(
+        item.cls4 for item in items if assignment[item.key].split == "validation" and assignment[item.key].kept
+    )
+    assert val_labels == {0: 4, 1: 4, 2: 4, 3: 4}
+
+
+def test_kaggle_split_is_deterministic() -> None:
+    items = kaggle_items()
+    assert splits.split_kaggle(items, 0.25, seed=1) == splits.split_kaggle(list(reversed(items)), 0.25, seed=1)
+    assert splits.split_kaggle(items, 0.25, seed=1) != splits.split_kaggle(items, 0.25, seed=2)
+
+
+def test_check_disjoint_names_the_crossing_member() -> None:
+    splits.check_disjoint({"training": ["a", "b", "b"], "test": ["c"]}, "patient")
+    with pytest.raises(splits.LeakageError, match="patient b in training and test"):
+        splits.check_disjoint({"training": ["a", "b"], "test": ["b"]}, "patient")
