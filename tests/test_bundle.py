@@ -242,23 +242,19 @@ def test_baselines_keep_their_checkpoints_apart(trained: dict[str, Path]) -> Non
     # Budget: the baselines train for stage 1 + 3 (seg) and stage 2 + 3 (cls) epochs: 2 each here.
 
 
+def _stage_one(data: Path, ckpt_dir: Path, epochs: int) -> list[str]:
+    """Overrides that train stage 1 alone, tiny, for ``epochs`` epochs, into ``ckpt_dir``."""
+    return ["--dataset_dir", str(data), "--ckpt_dir", str(ckpt_dir), "--stage", "1", *TINY_OVERRIDES,
+            "--epochs#1", str(epochs)]  # fmt: skip
+
+
 def _epochs_run(log: str, total: int) -> list[int]:
     return sorted({int(m) for m in re.findall(rf"Epoch: (\d+)/{total}, Iter", log)})
 
 
 def test_interrupted_stage_resumes_and_restart_starts_over(prepared_small: Path, tmp_path: Path) -> None:
     epochs = 12
-    args = [
-        "--dataset_dir",
-        str(prepared_small),
-        "--ckpt_dir",
-        str(tmp_path),
-        "--stage",
-        "1",
-        *TINY_OVERRIDES,
-        "--epochs#1",
-        str(epochs),
-    ]
+    args = _stage_one(prepared_small, tmp_path, epochs)
     stage_dir = tmp_path / "multitask" / "stage1"
     process = subprocess.Popen(
         bundle_command([TRAIN, "configs/demo.yaml"], *args),
@@ -291,18 +287,7 @@ def test_interrupted_stage_resumes_and_restart_starts_over(prepared_small: Path,
 def test_same_seed_gives_the_same_model(prepared_small: Path, tmp_path: Path) -> None:
     states = []
     for run in ("a", "b"):
-        bundle_run(
-            [TRAIN, "configs/demo.yaml"],
-            "--dataset_dir",
-            str(prepared_small),
-            "--ckpt_dir",
-            str(tmp_path / run),
-            "--stage",
-            "1",
-            *TINY_OVERRIDES,
-            "--epochs#1",
-            "2",
-        )
+        bundle_run([TRAIN, "configs/demo.yaml"], *_stage_one(prepared_small, tmp_path / run, 2))
         states.append(torch.load(tmp_path / run / "multitask" / "stage1" / "checkpoint_epoch=2.pt", map_location="cpu"))
     first, second = (state["model"] for state in states)
     assert all(torch.equal(first[k], second[k]) for k in first)
@@ -312,17 +297,7 @@ def test_same_seed_gives_the_same_model(prepared_small: Path, tmp_path: Path) ->
 def test_two_process_distributed_training_on_cpu(prepared_small: Path, tmp_path: Path) -> None:
     launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
     command = bundle_command(
-        [TRAIN, "configs/demo.yaml", MULTI_GPU],
-        "--dataset_dir",
-        str(prepared_small),
-        "--ckpt_dir",
-        str(tmp_path),
-        "--stage",
-        "1",
-        *TINY_OVERRIDES,
-        "--epochs#1",
-        "2",
-        launcher=launcher,
+        [TRAIN, "configs/demo.yaml", MULTI_GPU], *_stage_one(prepared_small, tmp_path, 2), launcher=launcher
     )
     result = run_cli(command)
     log = result.stdout + result.stderr

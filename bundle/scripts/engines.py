@@ -38,6 +38,15 @@ def batch_targets(batch: Mapping[str, Any], tasks: Sequence[str], device: torch.
     return targets
 
 
+def _batch_inputs(
+    engine: Any, batch: Mapping[str, Any], tasks: Sequence[str]
+) -> tuple[torch.device, torch.Tensor, dict[str, torch.Tensor]]:
+    """The engine's device, the batch's images on it, and the targets of the enabled tasks."""
+    device = engine.state.device
+    images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
+    return device, images, batch_targets(batch, tasks, device)
+
+
 def _autocast(engine: Any, device: torch.device) -> torch.autocast:
     kwargs = dict(getattr(engine, "amp_kwargs", None) or {})
     kwargs.setdefault("dtype", torch.float16 if device.type == "cuda" else torch.bfloat16)
@@ -60,9 +69,7 @@ class MultiTaskTrainStep:
         self.freeze_batchnorm = freeze_batchnorm
 
     def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
-        device = engine.state.device
-        images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
-        targets = batch_targets(batch, self.tasks, device)
+        device, images, targets = _batch_inputs(engine, batch, self.tasks)
         if not targets:
             raise ValueError(f"A batch from '{batch.get('source')}' has no target for the stage's tasks {self.tasks}.")
         engine.network.train()
@@ -101,9 +108,7 @@ class MultiTaskEvalStep:
         self.segment_unlabelled = segment_unlabelled
 
     def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
-        device = engine.state.device
-        images = torch.as_tensor(batch["image"]).to(device, non_blocking=True)
-        targets = batch_targets(batch, self.tasks, device)
+        device, images, targets = _batch_inputs(engine, batch, self.tasks)
         do_seg = "seg" in targets or ("seg" in self.tasks and self.segment_unlabelled)
         do_cls = "cls" in self.tasks
         engine.network.eval()
