@@ -18,5 +18,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 fi
 echo "[setup] installing the project and its dependencies"
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ".[dev]"
 "$VENV/bin/python" -c "import torch, monai, mlflow; print(f'[setup] torch {torch.__version__}, monai {monai.__version__}, mlflow {mlflow.__version__}')"
