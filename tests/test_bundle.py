@@ -307,3 +307,23 @@ def test_two_process_distributed_training_on_cpu(prepared_small: Path, tmp_path:
     per_process = math.ceil(math.ceil(len(datalist["brats_training"]) / 2) / 8)
     assert re.search(rf"Epoch: 2/2, Iter: {per_process}/{per_process} ", log)
     assert log.count("Epoch: 2/2, Iter: 1/") == 1, "only rank 0 logs"
+
+
+@pytest.mark.parametrize(("text", "expected"), [("false", False), ("False", False), ("0", False), ("true", True),
+                                                ("TRUE", True), (True, True), (False, False)])  # fmt: skip
+def test_command_line_booleans_mean_what_they_say(text: object, expected: bool) -> None:
+    from scripts.stages import as_bool
+
+    assert as_bool(text) is expected
+
+
+def test_restart_false_keeps_the_checkpoints(tmp_path: Path) -> None:
+    from scripts.stages import as_bool, resume_checkpoint
+
+    (tmp_path / "checkpoint_epoch=3.pt").touch()
+    assert resume_checkpoint(tmp_path, restart="false").endswith("checkpoint_epoch=3.pt")
+    assert resume_checkpoint(tmp_path, restart="true") == ""
+    with pytest.raises(ValueError, match="restart must be true or false, got 'maybe'"):
+        resume_checkpoint(tmp_path, restart="maybe")
+    with pytest.raises(ValueError):
+        as_bool("nope")

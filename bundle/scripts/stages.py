@@ -20,6 +20,26 @@ from typing import Any
 from torch import nn
 
 COMPONENTS = ("encoder", "decoder", "cls_head")
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """A yes/no setting that may come from the command line as text.
+
+    ``python -m monai.bundle run --restart false`` hands the config the string ``"false"``, which Python would
+    take as true; only ``False`` (capitalised) arrives as a boolean.
+
+    Raises:
+        ValueError: the value is neither a boolean nor one of true/false, yes/no, on/off, 1/0.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 def prepare_network(network: nn.Module, trainable: Sequence[str]) -> nn.Module:
@@ -89,7 +109,7 @@ def resume_checkpoint(directory: str | os.PathLike, restart: bool = False) -> st
 
     With ``restart`` the stage's old checkpoints are removed first, so the stage starts again from scratch.
     """
-    if restart and os.path.isdir(directory):
+    if as_bool(restart, "restart") and os.path.isdir(directory):
         shutil.rmtree(directory)
     os.makedirs(directory, exist_ok=True)
 
