@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Events
 from torch import nn
+
+from .stages import epoch_checkpoints
 
 
 def save_atomically(state: dict[str, torch.Tensor], path: str) -> None:
@@ -85,8 +89,6 @@ class SlicePredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self.save_summary)
 
     def save_batch(self, engine: Any) -> None:
-        import numpy as np
-
         output = engine.state.output
         masks = (output["seg_prob"] >= 0.5).to(torch.uint8).cpu().numpy()
         for index, (patient, z) in enumerate(zip(output["patient"], output["slice"].tolist(), strict=True)):
@@ -99,8 +101,6 @@ class SlicePredictionWriter:
             )
 
     def save_summary(self, engine: Any) -> None:
-        import json
-
         os.makedirs(self.output_dir, exist_ok=True)
         partial = os.path.join(self.output_dir, "predictions.json.partial")
         with open(partial, "w") as file:
@@ -125,12 +125,5 @@ class KeepLatestEpochCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Any) -> None:
-        import glob
-        import re
-
-        def epoch_of(path: str) -> int:
-            return int(re.search(r"checkpoint_epoch=(\d+)\.pt$", path).group(1))
-
-        checkpoints = sorted(glob.glob(os.path.join(self.directory, "checkpoint_epoch=*.pt")), key=epoch_of)
-        for path in checkpoints[:-1]:
+        for path in epoch_checkpoints(self.directory)[:-1]:
             os.remove(path)

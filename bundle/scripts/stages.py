@@ -104,6 +104,15 @@ def init_checkpoint(ckpt_dir: str | os.PathLike, variant: str, init_from: int | 
     return path
 
 
+def epoch_checkpoints(directory: str | os.PathLike) -> list[str]:
+    """A stage's ``checkpoint_epoch=N.pt`` files, oldest epoch first."""
+
+    def epoch_of(path: str) -> int:
+        return int(re.search(r"checkpoint_epoch=(\d+)\.pt$", path).group(1))
+
+    return sorted(glob.glob(os.path.join(directory, "checkpoint_epoch=*.pt")), key=epoch_of)
+
+
 def resume_checkpoint(directory: str | os.PathLike, restart: bool = False) -> str:
     """The newest full training-state checkpoint of a stage, to continue an interrupted run ('' if none).
 
@@ -113,11 +122,7 @@ def resume_checkpoint(directory: str | os.PathLike, restart: bool = False) -> st
         shutil.rmtree(directory)
     os.makedirs(directory, exist_ok=True)
 
-    def epoch_of(path: str) -> int:
-        match = re.search(r"checkpoint_epoch=(\d+)\.pt$", path)
-        return int(match.group(1)) if match else -1
-
-    candidates = sorted(glob.glob(os.path.join(directory, "checkpoint_epoch=*.pt")), key=epoch_of)
+    candidates = epoch_checkpoints(directory)
     return candidates[-1] if candidates else ""
 
 
