@@ -1,0 +1,118 @@
+"""What inference must know to reproduce the training preprocessing, and how to read it from a config."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from scripts.data.volumes import MODALITIES
+
+__all__ = ["DEFAULT_MIN_BRAIN_FRACTION", "InferenceSettings", "make_settings", "settings_from_config"]
+
+# scripts/prepare_data.py's default: training never saw slices with less brain than this.
+DEFAULT_MIN_BRAIN_FRACTION = 0.05
+DEFAULT_SLICE_BATCH_SIZE = 16
+# The config keys that carry the settings (those of configs/inference.yaml and the presets).
+_CONFIG_KEYS = {
+    "image_size": "image_size",
+    "in_channels": "in_channels",
+    "modalities": "modalities",
+    "min_brain_fraction": "min_brain_fraction",
+    "slice_batch_size": "batch_size",
+}
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Preprocessing and batching settings of one inference run.
+
+    Attributes:
+        image_size: Side of the square slices the network sees (the preset's ``image_size``).
+        in_channels: Input channels of the network.
+        modalities: Canonical BraTS modality per channel, in order (``("flair",)`` for one channel).
+        min_brain_fraction: Axial slices with less brain (nonzero voxels) than this fraction are not analysed, as in
+            data preparation; their mask is 0 and their probability is reported as null.
+        slice_batch_size: Slices per network call.
+    """
+
+    image_size: int
+    in_channels: int
+    modalities: tuple[str, ...]
+    min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION
+    slice_batch_size: int = DEFAULT_SLICE_BATCH_SIZE
+
+    def summary(self) -> dict[str, Any]:
+        """The settings as recorded in every output JSON."""
+        return {
+            "image_size": self.image_size,
+            "in_channels": self.in_channels,
+            "modalities": list(self.modalities),
+            "min_brain_fraction": self.min_brain_fraction,
+        }
+
+
+def make_settings(
+    image_size: int,
+    in_channels: int,
+    modalities: Sequence[str] | None = None,
+    min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION,
+    slice_batch_size: int = DEFAULT_SLICE_BATCH_SIZE,
+) -> InferenceSettings:
+    """Check and build the settings.
+
+    Args:
+        image_size: Side of the network's input slices.
+        in_channels: Input channels of the network.
+        modalities: Modality per channel; None picks FLAIR for one channel and FLAIR, T1, T1ce, T2 for four, the
+            orders ``scripts/prepare_data.py --modalities`` documents.
+        min_brain_fraction: See :class:`InferenceSettings`.
+        slice_batch_size: See :class:`InferenceSettings`.
+
+    Raises:
+        ValueError: On values that cannot work, naming the setting.
+    """
+    image_size, in_channels, slice_batch_size = int(image_size), int(in_channels), int(slice_batch_size)
+    if modalities is None:
+        defaults = {1: ("flair",), len(MODALITIES): MODALITIES}
+        if in_channels not in defaults:
+            raise ValueError(f"in_channels {in_channels}: set `modalities` to name the modality of each channel")
+        modalities = defaults[in_channels]
+    modalities = tuple(str(m) for m in modalities)
+    if len(modalities) != in_channels or set(modalities) - set(MODALITIES) or len(set(modalities)) != in_channels:
+        raise ValueError(
+            f"modalities {list(modalities)} do not give one distinct name from {list(MODALITIES)} for each of the "
+            f"{in_channels} input channels"
+        )
+    if image_size < 8 or slice_batch_size < 1 or not 0 <= float(min_brain_fraction) < 1:
+        raise ValueError(
+            f"invalid settings: image_size {image_size} (at least 8), batch size {slice_batch_size} (at least 1), "
+            f"min_brain_fraction {min_brain_fraction} (in [0, 1))"
+        )
+    return InferenceSettings(image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size)
+
+
+def settings_from_config(config: Mapping[str, Any], source: str) -> InferenceSettings:
+    """Settings from a merged bundle config (plain values only, as in configs/inference.yaml and the presets).
+
+    Args:
+        config: Top-level config items, later files already merged over earlier ones.
+        source: What the config came from, named in errors (e.g. the model file).
+
+    Raises:
+        ValueError: When a setting is missing or is an expression or reference that only a bundle run can resolve.
+    """
+    values: dict[str, Any] = {}
+    for name, key in _CONFIG_KEYS.items():
+        if key not in config:
+            continue
+        value = config[key]
+        if isinstance(value, str) and value.startswith(("$", "@", "%")):
+            raise ValueError(f"{source}: config item {key!r} is {value!r}; inference needs a plain value")
+        values[name] = value
+    missing = [
+        key for name, key in _CONFIG_KEYS.items() if name in ("image_size", "in_channels") and name not in values
+    ]
+    if missing:
+        raise ValueError(f"{source}: its config does not set {', '.join(missing)}")
+    return make_settings(**values)
