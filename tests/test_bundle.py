@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, REPO_ROOT, TINY_OVERRIDES, bundle_command, bundle_run, run_cli
+from conftest import BUNDLE_ROOT, EVALUATE, REPO_ROOT, TINY_OVERRIDES, TRAIN, bundle_command, bundle_run, run_cli
 from monai.bundle import ConfigWorkflow
 
-TRAIN = "bundle/configs/train.yaml"
-EVALUATE = "bundle/configs/evaluate.yaml"
 MULTI_GPU = "bundle/configs/multi_gpu_train.yaml"
 SCHEMA = REPO_ROOT / "tests" / "resources" / "meta_schema_20240725.json"
 # The hash MONAI's own tests record for the official schema.
@@ -114,21 +112,6 @@ def _stage_files(ckpt_dir: Path, variant: str, stage: int) -> set[str]:
     return {p.name for p in (ckpt_dir / variant / f"stage{stage}").iterdir()}
 
 
-@pytest.fixture(scope="module")
-def trained(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """All three stages through the real CLI (stage 0 runs them in order), then the test-split evaluation."""
-    root = tmp_path_factory.mktemp("trained")
-    dirs = {"ckpt": root / "models", "eval": root / "eval", "data": prepared_small}
-    common = ["--dataset_dir", str(prepared_small), "--ckpt_dir", str(dirs["ckpt"]), "--output_dir", str(dirs["eval"])]
-    dirs["train_log"] = root / "train.log"
-    result = bundle_run([TRAIN, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
-    dirs["train_log"].write_text(result.stdout + result.stderr)
-    result = bundle_run([TRAIN, EVALUATE, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
-    dirs["eval_log"] = root / "eval.log"
-    dirs["eval_log"].write_text(result.stdout + result.stderr)
-    return dirs
-
-
 def test_all_three_stages_run_in_order_and_save_checkpoints(trained: dict[str, Path]) -> None:
     log = trained["train_log"].read_text()
     starts = [log.index(f"=== stage {stage} ") for stage in (1, 2, 3)]
@@ -217,28 +200,16 @@ def test_missing_prepared_data_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_baselines_keep_their_checkpoints_apart(trained: dict[str, Path]) -> None:
-    model = trained["ckpt"] / "model.pt"
-    before = hashlib.sha256(model.read_bytes()).hexdigest()
-    common = [
-        "--dataset_dir",
-        str(trained["data"]),
-        "--ckpt_dir",
-        str(trained["ckpt"]),
-        "--output_dir",
-        str(trained["eval"]),
-    ]
     for variant, stage in (("baseline_seg", 1), ("baseline_cls", 2)):
-        preset = f"configs/{variant}.yaml"
-        bundle_run([TRAIN, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
         assert {"best.pt", "checkpoint_epoch=2.pt"} <= _stage_files(trained["ckpt"], variant, stage)
         assert (trained["ckpt"] / variant / "model.pt").is_file()
-        bundle_run([TRAIN, EVALUATE, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
         metrics = json.loads((trained["eval"] / variant / "metrics.json").read_text())
         if variant == "baseline_seg":
             assert metrics["brats_patient_dice_mean"] is not None and metrics["kaggle_cls_n"] == 0
         else:
             assert metrics["kaggle_cls_n"] > 0 and metrics["brats_slices"] == 0
-    assert hashlib.sha256(model.read_bytes()).hexdigest() == before, "a baseline overwrote the multi-task model"
+    model = trained["ckpt"] / "model.pt"
+    assert hashlib.sha256(model.read_bytes()).hexdigest() == trained["model_sha256"], "a baseline overwrote it"
     # Budget: the baselines train for stage 1 + 3 (seg) and stage 2 + 3 (cls) epochs: 2 each here.
 
 

@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 
 __all__ = ["data", "datasets", "engines", "evaluation", "handlers", "loaders", "losses", "metrics", "networks",
-           "report", "stages"]  # fmt: skip
+           "report", "stage_tracking", "stages", "tracking"]  # fmt: skip
 
 
 def __getattr__(name: str) -> ModuleType:

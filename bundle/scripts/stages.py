@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from .tracking import PipelineTracking
+
 COMPONENTS = ("encoder", "decoder", "cls_head")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
 
@@ -149,7 +151,11 @@ def _bundle_run_arguments(argv: Sequence[str]) -> list[str]:
 
 
 def run_pipeline(
-    stages: Sequence[int], specs: Mapping[str, Mapping[str, Any]] | None = None, nproc_per_node: int = 0
+    stages: Sequence[int],
+    specs: Mapping[str, Mapping[str, Any]] | None = None,
+    nproc_per_node: int = 0,
+    tracking: PipelineTracking | None = None,
+    model_path: str = "",
 ) -> list[float]:
     """Run the given stages in order, each as its own ``python -m monai.bundle run --stage N`` process.
 
@@ -160,22 +166,36 @@ def run_pipeline(
         stages: stage numbers, in order.
         specs: the ``stages`` table of the config, for the stages' names.
         nproc_per_node: with a value above 0, each stage runs under ``torchrun`` with that many processes.
+        tracking: the MLflow parent run, under which each stage logs its own run (None: no tracking).
+        model_path: the pipeline's final model, logged to the parent run when every stage is done.
 
     Returns:
         The wall-clock seconds of each stage.
     """
     args = _bundle_run_arguments(sys.argv)
-    durations = []
-    for stage in stages:
-        title = (specs or {}).get(str(stage), {}).get("name", "")
-        print(f"\n=== stage {stage} {title} ===", flush=True)
-        start = time.perf_counter()
-        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"] if nproc_per_node else []
-        command = [sys.executable, *launcher, "-m", "monai.bundle", *args, "--stage", str(stage)]
-        completed = subprocess.run(command, check=False)
-        if completed.returncode != 0:
-            raise RuntimeError(f"Stage {stage} failed with exit status {completed.returncode}; later stages skipped.")
-        durations.append(time.perf_counter() - start)
+    args += tracking.start(stages) if tracking is not None else []
+    durations: list[float] = []
+    status = "FAILED"
+    try:
+        for stage in stages:
+            title = (specs or {}).get(str(stage), {}).get("name", "")
+            print(f"\n=== stage {stage} {title} ===", flush=True)
+            start = time.perf_counter()
+            launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"] if nproc_per_node else []
+            command = [sys.executable, *launcher, "-m", "monai.bundle", *args, "--stage", str(stage)]
+            completed = subprocess.run(command, check=False)
+            if completed.returncode != 0:
+                raise RuntimeError(
+                    f"Stage {stage} failed with exit status {completed.returncode}; later stages skipped."
+                )
+            durations.append(time.perf_counter() - start)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        if tracking is not None:
+            tracking.finish(durations, status, model_path if status == "FINISHED" else "")
     print("\n".join(f"stage {s}: {d:.0f} s" for s, d in zip(stages, durations, strict=True)), flush=True)
     return durations
 

@@ -16,15 +16,16 @@ class UNetDecoder(FreezableMixin):
         base_filters: channels of the encoder's first level (must match the encoder).
         depth: number of up-samplings (must match the encoder).
         out_channels: segmentation output channels (1 for a whole-tumour mask as logits).
+        norm: normalisation after each convolution, ``"batch"`` or ``"instance"`` (as the encoder's).
     """
 
-    def __init__(self, base_filters: int = 64, depth: int = 4, out_channels: int = 1) -> None:
+    def __init__(self, base_filters: int = 64, depth: int = 4, out_channels: int = 1, norm: str = "batch") -> None:
         super().__init__()
         self.frozen = False
         channels = [base_filters * 2**level for level in range(depth + 1)]
         # Deepest level first, so that the loop in forward walks from the bottleneck up.
         self.up = nn.ModuleList(
-            UpBlock(channels[level + 1], channels[level], channels[level]) for level in reversed(range(depth))
+            UpBlock(channels[level + 1], channels[level], channels[level], norm) for level in reversed(range(depth))
         )
         self.segmentation_head = nn.Conv2d(channels[0], out_channels, kernel_size=1)
 

@@ -19,9 +19,10 @@ class UNetEncoder(FreezableMixin):
         in_channels: input channels: 1 for FLAIR alone, 4 for all BraTS modalities.
         base_filters: channels of the first level; each level below doubles them.
         depth: number of 2x down-samplings; the input's height and width must be divisible by ``2**depth``.
+        norm: normalisation after each convolution, ``"batch"`` (the seed's) or ``"instance"``.
     """
 
-    def __init__(self, in_channels: int = 1, base_filters: int = 64, depth: int = 4) -> None:
+    def __init__(self, in_channels: int = 1, base_filters: int = 64, depth: int = 4, norm: str = "batch") -> None:
         super().__init__()
         if in_channels < 1 or base_filters < 1 or depth < 1:
             raise ValueError(
@@ -32,9 +33,9 @@ class UNetEncoder(FreezableMixin):
         self.depth = depth
         self.size_divisor = 2**depth
         self.out_channels = [base_filters * 2**level for level in range(depth + 1)]
-        self.stem = DoubleConv(in_channels, self.out_channels[0])
+        self.stem = DoubleConv(in_channels, self.out_channels[0], norm)
         self.down = nn.ModuleList(
-            DownBlock(self.out_channels[level], self.out_channels[level + 1]) for level in range(depth)
+            DownBlock(self.out_channels[level], self.out_channels[level + 1], norm) for level in range(depth)
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -91,6 +91,7 @@ def create_multi_task_model(
     depth: int = 4,
     cls_hidden_dim: int = 256,
     cls_dropout: float = 0.3,
+    norm: str = "batch",
 ) -> MultiTaskModel:
     """Build the multi-task U-Net.
 
@@ -102,9 +103,10 @@ def create_multi_task_model(
         depth: number of down-samplings; inputs must be divisible by ``2**depth``.
         cls_hidden_dim: hidden width of the classification head.
         cls_dropout: dropout of the classification head.
+        norm: normalisation in the encoder and decoder: ``"batch"`` (the seed's) or ``"instance"``.
     """
-    encoder = UNetEncoder(in_channels=in_channels, base_filters=base_filters, depth=depth)
-    decoder = UNetDecoder(base_filters=base_filters, depth=depth, out_channels=seg_out_channels)
+    encoder = UNetEncoder(in_channels=in_channels, base_filters=base_filters, depth=depth, norm=norm)
+    decoder = UNetDecoder(base_filters=base_filters, depth=depth, out_channels=seg_out_channels, norm=norm)
     cls_head = ClassificationHead(
         in_channels=encoder.out_channels[-1],
         num_classes=cls_num_classes,
@@ -115,9 +117,9 @@ def create_multi_task_model(
 
 
 def create_segmentation_unet(
-    in_channels: int = 1, seg_out_channels: int = 1, base_filters: int = 64, depth: int = 4
+    in_channels: int = 1, seg_out_channels: int = 1, base_filters: int = 64, depth: int = 4, norm: str = "batch"
 ) -> SegmentationUNet:
     """Build the segmentation-only U-Net with the same encoder and decoder as :func:`create_multi_task_model`."""
-    encoder = UNetEncoder(in_channels=in_channels, base_filters=base_filters, depth=depth)
-    decoder = UNetDecoder(base_filters=base_filters, depth=depth, out_channels=seg_out_channels)
+    encoder = UNetEncoder(in_channels=in_channels, base_filters=base_filters, depth=depth, norm=norm)
+    decoder = UNetDecoder(base_filters=base_filters, depth=depth, out_channels=seg_out_channels, norm=norm)
     return SegmentationUNet(encoder, decoder)
