@@ -198,6 +198,7 @@ def _finish_volume(
         "input": str(prepared.item.source),
         "type": "volume",
         "mask": f"{prepared.item.name}_seg.nii.gz",
+        "grid_file": str(prepared.item.reference_file),  # the mask has this file's shape, affine and header
         "shape": [int(s) for s in loaded.original_shape],
         "voxel_volume_ml": voxel_ml,
         "axial_axis": axis,
