@@ -164,9 +164,11 @@ def test_exported_and_eager_outputs_agree_on_random_and_real_inputs(model: TinyM
 
 
 def test_verify_net_in_out_passes_on_the_segmentation_view(model: TinyModel) -> None:
+    # The demo preset in between: training presets must layer over the inference config.
     result = run_tool([
         sys.executable, "-m", "monai.bundle", "verify_net_in_out", "seg_view", "--meta_file", str(METADATA),
-        "--config_file", repr([INFERENCE, str(model.preset)]), "--bundle_root", "bundle", "--device", "cpu",
+        "--config_file", repr([INFERENCE, "configs/demo.yaml", str(model.preset)]), "--bundle_root", "bundle",
+        "--device", "cpu",
     ])  # fmt: skip
     assert "data shape of network is verified with no error" in result.stdout + result.stderr
 

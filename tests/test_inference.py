@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, TINY_SIZE
+from conftest import BUNDLE_ROOT, REPO_ROOT, TINY_SIZE
+from monai.bundle import ConfigWorkflow
 from PIL import Image
 from test_export import TinyModel, run_tool, tiny_model
 
@@ -91,6 +92,22 @@ def _direct_volume(model: TinyModel, case: VolumeCase) -> tuple[np.ndarray, dict
     ras = slices_to_volume(torch.sigmoid(out["seg"]).numpy(), z, loaded.image.shape[1:], is_mask=True)
     probabilities = torch.softmax(out["cls"], 1)[:, 1].tolist()
     return to_original_grid(ras, loaded), dict(zip(z, probabilities, strict=True))
+
+
+@pytest.mark.parametrize("presets", [[], ["configs/demo.yaml"]])
+def test_the_training_presets_layer_over_the_inference_config(presets: list[str], inputs: Path) -> None:
+    # As the README's commands do: the preset a model was trained with goes after inference.yaml.
+    workflow = ConfigWorkflow(
+        config_file=[str(BUNDLE_ROOT / "configs" / "inference.yaml"), *(str(REPO_ROOT / p) for p in presets)],
+        workflow_type="infer",
+        bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(inputs),
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert workflow.parser.get_parsed_content("settings").image_size == (
+        96 if presets == ["configs/demo.yaml"] else 256
+    )
 
 
 def test_every_input_gets_its_outputs_and_strays_are_skipped(outputs: Path) -> None:
