@@ -82,16 +82,18 @@ def _mask(path: Path) -> np.ndarray:
     return np.asanyarray(nib.load(path).dataobj)
 
 
-def _direct_volume(model: TinyModel, case: VolumeCase) -> tuple[np.ndarray, dict[int, float]]:
-    """The mask and slice probabilities from the eager network called directly on the training preprocessing."""
+def _direct_volume(model: TinyModel, case: VolumeCase) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+    """Mask, voxel probabilities and slice probabilities of the eager network called on the training preprocessing."""
     loaded = load_case(case, ("flair",))
     slices, _ = extract_slices(loaded, size=TINY_SIZE)
     with torch.no_grad():
         out = model.eager()(torch.from_numpy(np.stack([s.image for s in slices])))
     z = [s.z for s in slices]
-    ras = slices_to_volume(torch.sigmoid(out["seg"]).numpy(), z, loaded.image.shape[1:], is_mask=True)
+    seg = torch.sigmoid(out["seg"]).numpy()
+    shape = loaded.image.shape[1:]
+    mask, voxels = (to_original_grid(slices_to_volume(seg, z, shape, is_mask=m), loaded) for m in (True, False))
     probabilities = torch.softmax(out["cls"], 1)[:, 1].tolist()
-    return to_original_grid(ras, loaded), dict(zip(z, probabilities, strict=True))
+    return mask, voxels, dict(zip(z, probabilities, strict=True))
 
 
 @pytest.mark.parametrize("presets", [[], ["configs/demo.yaml"]])
@@ -132,8 +134,11 @@ def test_volume_outputs_match_the_network_called_directly(
     model: TinyModel, synthetic_small: Path, inputs: Path, outputs: Path
 ) -> None:
     case = VolumeCase(CASE, "brats2021", {"flair": _flair(synthetic_small)}, None)
-    expected_mask, probabilities = _direct_volume(model, case)
-    assert np.array_equal(_mask(outputs / f"{CASE}_seg.nii.gz"), expected_mask)
+    expected_mask, voxel_probabilities, probabilities = _direct_volume(model, case)
+    mask = _mask(outputs / f"{CASE}_seg.nii.gz")
+    # Equal, but for a voxel whose probability sits on 0.5 (other thread counts round differently).
+    differ = mask != expected_mask
+    assert np.count_nonzero(differ) <= 5 and np.all(np.abs(voxel_probabilities[differ] - 0.5) < 1e-3)
     report = json.loads((outputs / f"{CASE}.json").read_text())
     assert report["input"] == str(inputs / CASE) and report["grid_file"] == str(inputs / CASE / f"{CASE}_flair.nii.gz")
     # BraTS files are stored with the axial axis last, inferior to superior: file index = RAS z.
@@ -141,7 +146,7 @@ def test_volume_outputs_match_the_network_called_directly(
     for entry in report["slices"]:
         expected = probabilities.get(entry["index"])
         assert entry["analysed"] == (expected is not None)
-        assert entry["mask_voxels"] == int(expected_mask[:, :, entry["index"]].sum())
+        assert entry["mask_voxels"] == int(mask[:, :, entry["index"]].sum())
         if expected is not None:
             assert entry["tumour_probability"] == pytest.approx(expected, abs=1e-5)
             assert entry["predicted_class"] == int(expected >= 0.5)
@@ -152,8 +157,8 @@ def test_volume_outputs_match_the_network_called_directly(
     assert volume["predicted_class"] == int(max(values) >= 0.5)
     assert volume["predicted_label"] == ("tumour" if volume["predicted_class"] else "no tumour")
     assert volume["slices_analysed"] == len(values) < volume["slices_total"]
-    assert volume["tumour_voxels"] == int(expected_mask.sum()) > 0
-    assert volume["tumour_volume_ml"] == pytest.approx(expected_mask.sum() * 1.0 / 1000)  # 1 mm voxels
+    assert volume["tumour_voxels"] == int(mask.sum()) > 0
+    assert volume["tumour_volume_ml"] == pytest.approx(mask.sum() * 1.0 / 1000)  # 1 mm voxels
     assert all(0.0 <= p <= 1.0 for p in values)
 
 
