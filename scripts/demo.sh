@@ -32,6 +32,11 @@ step "preparing slices in $PREPARED"
 
 step "training the multi-task model: stages 1, 2, 3"
 bundle "['$TRAIN','$PRESET']"
+step "exporting the multi-task model to TorchScript (bundle/models/model.ts)"
+# MONAI's exporter does not put the bundle root on sys.path as `run` does.
+PYTHONPATH=bundle "$PY" -m monai.bundle ckpt_export network_def --filepath bundle/models/model.ts \
+    --ckpt_file bundle/models/model.pt --meta_file bundle/configs/metadata.json \
+    --config_file "['bundle/configs/inference.yaml','$PRESET']" --bundle_root bundle
 step "evaluating the multi-task model"
 bundle "['$TRAIN','$EVALUATE','$PRESET']"
 for baseline in baseline_seg baseline_cls; do
@@ -41,9 +46,11 @@ for baseline in baseline_seg baseline_cls; do
     bundle "['$TRAIN','$EVALUATE','$PRESET','configs/$baseline.yaml']"
 done
 
-step "comparison"
-"$PY" scripts/compare_runs.py --eval-dir bundle/eval
+step "comparison (from the MLflow runs)"
+"$PY" scripts/compare_runs.py
 echo
 echo "Done in $(( $(date +%s) - start )) s."
-echo "  models:      bundle/models/model.pt (multi-task), bundle/models/baseline_{seg,cls}/model.pt"
+echo "  models:      bundle/models/model.pt and model.ts (multi-task), bundle/models/baseline_{seg,cls}/model.pt"
 echo "  evaluation:  bundle/eval/report.md and bundle/eval/metrics.json (baselines in bundle/eval/baseline_*/)"
+echo "  comparison:  bundle/eval/comparison.json and comparison.png"
+echo "  MLflow runs: .venv/bin/mlflow ui --backend-store-uri sqlite:///bundle/mlruns/mlflow.db  (http://127.0.0.1:5000)"

@@ -154,10 +154,12 @@ def test_evaluation_writes_flat_metrics_and_report(trained: dict[str, Path]) -> 
         "kaggle_cls_roc_auc",
         "kaggle_cls_f1",
         "kaggle_cls_confusion_tn",
+        "latency_ms_per_slice",
     ):
         assert key in metrics, key
     assert all(value is None or isinstance(value, (int, float)) for value in metrics.values())
     assert 0.0 <= metrics["brats_patient_dice_mean"] <= 1.0
+    assert metrics["latency_ms_per_slice"] > 0
     patients = json.loads((trained["data"] / "patients.json").read_text())
     assert metrics["brats_patients"] == sum(1 for p in patients.values() if p["split"] == "test")
     datalist = json.loads((trained["data"] / "datalist.json").read_text())

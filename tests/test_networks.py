@@ -236,3 +236,19 @@ def test_public_names_import_with_the_bundle_on_sys_path() -> None:
         timeout=120,
     )
     assert result.stdout.strip() == "(1, 1, 256, 256) (1, 2)"
+
+
+def test_instance_norm_variant_normalises_each_image_alone_and_scripts() -> None:
+    torch.manual_seed(0)
+    batch_norm, instance_norm = create_multi_task_model(**SMALL), create_multi_task_model(norm="instance", **SMALL)
+    assert count(instance_norm) == count(batch_norm)  # same learnt scale and shift per channel
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in instance_norm.modules())
+    instance_norm.eval()
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        alone = instance_norm(x[:1])["seg"]
+        together = instance_norm(x)["seg"][:1]  # no statistic is shared between the images of a batch
+        torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.jit.script(instance_norm)(x)["cls"], instance_norm(x)["cls"])
+    with pytest.raises(ValueError, match="norm must be one of"):
+        create_multi_task_model(norm="group", **SMALL)

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -990,3 +991,42 @@ def results_message(collector: PredictionCollector) -> str:
             lines.append(f"  {key}: {metrics[key]:.4f}")
     lines += [f"  {name}: {path}" for name, path in sorted(collector.paths.items())]
     return "\n".join(lines)
+
+
+def add_latency(
+    results_dir: str | os.PathLike[str],
+    network: torch.nn.Module,
+    in_channels: int,
+    image_size: int,
+    batch_size: int,
+    tasks: Sequence[str],
+    repeats: int = 10,
+) -> float:
+    """Time the evaluated network on batches of slices and add ``latency_ms_per_slice`` to ``metrics.json``.
+
+    The median over ``repeats`` timed batches (after two warm-up batches) of the forward pass the model's tasks
+    need, in inference mode on the evaluation device; data loading is not included. ``scripts/benchmark.py``
+    measures more (TorchScript, whole volumes, memory).
+
+    Returns:
+        Milliseconds per slice.
+    """
+    device = next(network.parameters()).device
+    images = torch.randn(batch_size, in_channels, image_size, image_size, device=device)
+    flags = {"do_seg": "seg" in tasks, "do_cls": "cls" in tasks}
+    network.eval()
+    times = []
+    with torch.inference_mode():
+        for index in range(repeats + 2):
+            start = time.perf_counter()
+            network(images, **flags)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if index >= 2:
+                times.append(time.perf_counter() - start)
+    latency = 1000.0 * float(np.median(times)) / batch_size
+    path = Path(results_dir) / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["latency_ms_per_slice"] = latency
+    write_json_atomic(path, dict(sorted(metrics.items())))
+    return latency
