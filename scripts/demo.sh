@@ -23,7 +23,7 @@ bundle() { "$PY" -m monai.bundle run --config_file "$1" --bundle_root bundle --d
 start=$(date +%s)
 if [ ! -f "$SYNTHETIC/manifest.json" ]; then
     step "generating synthetic data in $SYNTHETIC"
-    "$PY" scripts/make_synthetic_data.py --out "$SYNTHETIC" --seed 0 --brats-cases 16 --kaggle-per-class 150
+    "$PY" scripts/make_synthetic_data.py --out "$SYNTHETIC" --seed 0 --brats-cases 16 --kaggle-per-class 1000
 fi
 step "preparing slices in $PREPARED"
 # A quarter of the patients for testing: the per-patient Dice of a handful of test patients is a noisy mean.
