@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data import CacheDataset, Dataset, PersistentDataset, get_track_meta, set_track_meta
+from monai.transforms import Compose
 
 CACHE_MODES = ("memory", "disk", "none")
 PATH_KEYS = ("image", "label")
@@ -41,6 +44,62 @@ def load_datalist(datalist_path: str | os.PathLike, key: str, base_dir: str | os
     return items
 
 
+class _MetadataSwitch:
+    """Turns MONAI's process-wide metadata tracking off while any thread is inside :meth:`off`.
+
+    A reference count keeps the switch correct when several threads (CacheDataset fills its cache with a thread
+    pool) enter and leave at different times: the first one in saves the setting, the last one out restores it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved = True
+
+    @contextmanager
+    def off(self) -> Iterator[None]:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = get_track_meta()
+                set_track_meta(False)
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inside -= 1
+                if self._inside == 0:
+                    set_track_meta(self._saved)
+
+
+_METADATA = _MetadataSwitch()
+
+
+class PlainTensorCompose(Compose):
+    """A ``Compose`` whose transforms hand out plain tensors instead of MetaTensors.
+
+    The slices carry no metadata that training or evaluation reads (the engines strip it), yet tracking it doubles
+    the CPU cost of the augmentation (every operation of RandAffined goes through ``MetaTensor.__torch_function__``),
+    makes collation copy metadata dictionaries and adds per-item overhead to a memory cache. The values are the
+    same either way.
+    """
+
+    def __call__(self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy=None):
+        with _METADATA.off():
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+
+
+def without_metadata(transform: Callable) -> Callable:
+    """The same pipeline (same transform objects, same random states) producing plain tensors; other callables
+    are returned unchanged."""
+    if not isinstance(transform, Compose) or isinstance(transform, PlainTensorCompose):
+        return transform
+    # Not Compose(transform.transforms): a new Compose would reseed the transforms it is given.
+    plain = PlainTensorCompose.__new__(PlainTensorCompose)
+    plain.__dict__.update(transform.__dict__)
+    return plain
+
+
 def slice_dataset(
     data: Sequence[dict[str, Any]],
     transform: Callable,
@@ -53,7 +112,8 @@ def slice_dataset(
 
     Args:
         data: datalist items.
-        transform: the pipeline; MONAI caches its deterministic head (up to the first random transform).
+        transform: the pipeline; MONAI caches its deterministic head (up to the first random transform). It runs
+            without MONAI metadata tracking (see :class:`PlainTensorCompose`), so items hold plain tensors.
         cache: ``"memory"`` (CacheDataset: ``cache_rate`` of the items held in RAM, the rest read each epoch, so
             memory stays bounded by the rate), ``"disk"`` (PersistentDataset under ``cache_dir``: RAM stays flat
             whatever the data size) or ``"none"`` (read every epoch).
@@ -61,6 +121,7 @@ def slice_dataset(
         cache_dir: cache folder for disk mode.
         num_workers: threads that fill the memory cache.
     """
+    transform = without_metadata(transform)
     if cache == "memory":
         return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers, progress=False)
     if cache == "disk":

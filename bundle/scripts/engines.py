@@ -29,6 +29,24 @@ def freeze_batchnorm_statistics(network: nn.Module) -> None:
             module.eval()
 
 
+def performance_settings(network: nn.Module, channels_last: bool = False, cudnn_benchmark: bool = False) -> nn.Module:
+    """Apply the speed settings of a config to the network the engines run, and return it.
+
+    Args:
+        network: the network (before it is moved to its device: the memory format survives ``.to(device)``).
+        channels_last: store convolution weights as NHWC. oneDNN on CPUs and cuDNN's tensor-core kernels on GPUs
+            are faster in that layout; a convolution with NHWC weights gives NHWC outputs, so the whole network
+            follows from its weights (inputs need no conversion). Values and checkpoints are unchanged.
+        cudnn_benchmark: let cuDNN time its algorithms for each input shape once and keep the fastest (the
+            training slices all have one shape, so the search pays off after the first iterations).
+    """
+    if cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
 def plain_tensor(value: Any, device: torch.device) -> torch.Tensor:
     """A plain ``torch.Tensor`` on ``device``.
 

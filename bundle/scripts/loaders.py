@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import torch
 from monai.data import DataLoader, Dataset
 from torch.utils.data import DistributedSampler
 
@@ -81,6 +82,11 @@ def make_loader(
 ) -> DataLoader | list:
     """A MONAI DataLoader, or an empty list for an empty dataset (a stage that does not use this source).
 
+    With worker processes, the workers persist between passes: :class:`AlternatingLoader` restarts the Kaggle
+    loader several times an epoch, and each restart would otherwise start every worker again (a process fork and
+    MONAI's worker set-up, on the training's critical path). On a GPU machine batches are put in pinned memory, so
+    that the engines' non-blocking copies to the GPU overlap with compute. Both can be overridden in ``kwargs``.
+
     Args:
         dataset: the dataset.
         batch_size: samples per batch.
@@ -92,8 +98,11 @@ def make_loader(
     if len(dataset) == 0:
         return []
     sampler = DistributedSampler(dataset, shuffle=shuffle) if distributed else None
+    kwargs.setdefault("pin_memory", torch.cuda.is_available())
     if num_workers == 0:
         kwargs.pop("persistent_workers", None)
+    else:
+        kwargs.setdefault("persistent_workers", True)
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -1,0 +1,488 @@
+#!/usr/bin/env python
+"""Benchmark the bundle's training and inference: throughput, data pipeline, latency, peak memory.
+
+Prints a table and writes the figures as JSON (``--out``). Every phase runs in a child process of its own
+(``benchmark_phases.py``), so that peak-memory figures do not mix; what is compared is measured in one process,
+interleaved round by round, and reported as medians. Ratios sit under keys that say what they divide, e.g.
+``multitask_step_s_over_seg_only_step_s``. See docs/performance.md for the figures, the targets and the machine.
+
+Without ``--dataset-dir`` the data are generated (``make_synthetic_data.py``: 4 BraTS cases of 240x240x155 and
+200 Kaggle-style images) and prepared at the preset's image size under ``--work-dir``, once; later runs reuse them.
+
+Example::
+
+    python scripts/benchmark.py --preset demo --out demo.json
+    python scripts/benchmark.py --preset full --out full.json     # the seed's network: minutes on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = "bundle/configs/train.yaml"
+INFER_CONFIG = "bundle/configs/inference.yaml"
+# The targets of issue 7, as ratios measured in one run.
+MAX_MULTITASK_OVER_SEG_ONLY = 1.05
+MIN_REAL_LOADING_OVER_COMPUTE_ONLY = 0.95
+MAX_SCRIPTED_OVER_EAGER = 1.0
+# Generated data when no --dataset-dir is given: enough slices for several batches of every kind.
+SYNTHETIC_CASES = 4
+SYNTHETIC_KAGGLE_PER_CLASS = 50
+THREAD_POLICIES = ("ACTIVE", "PASSIVE")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A benchmark preset: the bundle preset it measures and how long it measures.
+
+    Attributes:
+        config: the repository's preset layered over the bundle's configs.
+        batch_size: training batch override (None: the preset's own); the full preset uses a small batch on CPUs.
+        steps, warmup, rounds, slice_rounds, volume_rounds: see ``benchmark_phases.Spec``.
+        thread_study: also compare OpenMP wait policies (two extra child processes per policy).
+    """
+
+    config: str
+    batch_size: int | None
+    steps: int
+    warmup: int
+    rounds: int
+    slice_rounds: int
+    volume_rounds: int
+    thread_study: bool
+
+
+PRESETS = {
+    "demo": Preset("configs/demo.yaml", None, steps=10, warmup=2, rounds=5, slice_rounds=20, volume_rounds=3,
+                   thread_study=True),
+    "full": Preset("configs/full.yaml", 2, steps=3, warmup=1, rounds=3, slice_rounds=5, volume_rounds=1,
+                   thread_study=False),
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        description="Benchmark training and inference of the bundle (see docs/performance.md).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="bundle preset to measure")
+    parser.add_argument("--out", type=Path, help="JSON file to write the figures to")
+    parser.add_argument("--dataset-dir", type=Path, help="prepared data at the preset's size (default: generated)")
+    parser.add_argument("--volume", type=Path, help="folder with a BraTS case for the per-volume latency")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "brain_tumour_benchmark",
+        help="generated data, caches and logs (kept between runs)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for training and inference, VALUE in YAML (e.g. --set base_filters=8)",
+    )
+    parser.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
+    for name in ("steps", "warmup", "rounds", "slice-rounds", "volume-rounds"):
+        parser.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
+    parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out even when installed")
+    parser.add_argument("--no-thread-study", action="store_true", help="skip the OpenMP wait-policy comparison")
+    parser.add_argument(
+        "--peak-tflops", type=float, help="the device's peak TFLOP/s, to report the fraction of it that training uses"
+    )
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase (child process)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs as config overrides, the values read as YAML (numbers, booleans, lists)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def run_logged(command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    """Run a command from the repository root, its output into ``log``; on failure, exit with its last lines."""
+    with open(log, "w") as out:
+        code = subprocess.run(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+        raise SystemExit(f"{' '.join(command)} exited {code}; its output ends:\n{tail}\n(full log: {log})")
+
+
+def config_value(configs: Sequence[str], overrides: dict[str, Any], key: str) -> Any:
+    """A plain value of the merged configs (e.g. image_size), as the bundle would read it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / name) for name in configs])
+    parser.update(overrides)
+    return parser.get_parsed_content(key)
+
+
+def generated_data(work_dir: Path, image_size: int) -> tuple[Path, Path]:
+    """Synthetic BraTS + Kaggle data prepared at ``image_size`` under ``work_dir`` (made once, then reused)."""
+    synthetic = work_dir / "synthetic"
+    if not (synthetic / "manifest.json").is_file():
+        run_logged(
+            [sys.executable, "scripts/make_synthetic_data.py", "--out", str(synthetic), "--force",
+             "--brats-cases", str(SYNTHETIC_CASES), "--kaggle-per-class", str(SYNTHETIC_KAGGLE_PER_CLASS)],
+            work_dir / "make_synthetic_data.log",
+        )  # fmt: skip
+    prepared = work_dir / f"prepared_{image_size}"
+    # prepare_data.py does nothing when its output is up to date.
+    run_logged(
+        [sys.executable, "scripts/prepare_data.py", "--brats", str(synthetic / "brats"),
+         "--kaggle", str(synthetic / "kaggle"), "--out", str(prepared), "--size", str(image_size)],
+        work_dir / "prepare_data.log",
+    )  # fmt: skip
+    return prepared, synthetic / "brats"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Child processes
+
+
+def run_phase(name: str, spec: Any, work_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one phase in a child process and return its figures."""
+    spec_path, result_path = work_dir / f"{name}.spec.json", work_dir / f"{name}.result.json"
+    spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
+    result_path.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--spec", str(spec_path),
+               "--result", str(result_path)]  # fmt: skip
+    print(f"  {name} ...", flush=True)
+    start = time.perf_counter()
+    run_logged(command, work_dir / f"{name}.log", env=env)
+    result = json.loads(result_path.read_text())
+    result["phase_wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def child_main(args: argparse.Namespace) -> int:
+    """Entry point of a child process: run the phase, write its figures."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import benchmark_phases
+
+    spec = benchmark_phases.Spec(**json.loads(args.spec.read_text()))
+    result = benchmark_phases.PHASES[args.phase](spec)
+    args.result.write_text(json.dumps(result))
+    return 0
+
+
+def thread_study(spec: Any, work_dir: Path) -> dict[str, Any]:
+    """The multi-task step under each OpenMP wait policy, child processes alternating between the policies.
+
+    The policy is read when the OpenMP runtime starts (``import torch``), so it cannot change inside a process.
+    """
+    runs: dict[str, list[float]] = {policy: [] for policy in THREAD_POLICIES}
+    short = dataclasses.replace(spec, rounds=2)
+    for _ in range(2):
+        for policy in THREAD_POLICIES:
+            env = {**os.environ, "OMP_WAIT_POLICY": policy}
+            runs[policy] += run_phase("step", short, work_dir, env=env)["images_per_s_rounds"]
+    return {f"{policy.lower()}_images_per_s_rounds": values for policy, values in runs.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def median(values: Sequence[float]) -> float:
+    """The median of a list of figures."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator."""
+    return numerator / denominator
+
+
+def training_figures(raw: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
+    """Images/s, step times and the ratios of the training phase."""
+    rounds = raw["images_per_s_rounds"]
+    ips = {name: median(values) for name, values in rounds.items()}
+    batch = raw["batch_size"]
+    step_s = {name: batch / value for name, value in ips.items()}
+    achieved = raw["multitask_flop_per_image"] * ips["multitask"] / 1e12
+    figures = {
+        "device": raw["device"],
+        "batch_size": batch,
+        "amp": raw["amp"],
+        "num_workers": raw["num_workers"],
+        "kaggle_steps": raw["kaggle_steps"],
+        "channels_last_configured": raw["channels_last_configured"],
+        **{f"{name}_images_per_s": value for name, value in ips.items()},
+        "multitask_step_s": step_s["multitask"],
+        "seg_only_step_s": step_s["seg_only"],
+        "multitask_channels_last_step_s": step_s["multitask_channels_last"],
+        "multitask_step_s_over_seg_only_step_s": ratio(step_s["multitask"], step_s["seg_only"]),
+        "multitask_channels_last_step_s_over_multitask_step_s": ratio(
+            step_s["multitask_channels_last"], step_s["multitask"]
+        ),
+        "real_loading_images_per_s_over_compute_only_images_per_s": ratio(ips["real_loading"], ips["compute_only"]),
+        "multitask_gflop_per_image": raw["multitask_flop_per_image"] / 1e9,
+        "multitask_achieved_tflops": achieved,
+        "rounds": rounds,
+    }
+    if peak_tflops:
+        figures["peak_tflops"] = peak_tflops
+        figures["multitask_achieved_tflops_over_peak_tflops"] = ratio(achieved, peak_tflops)
+    return figures
+
+
+def data_figures(raw: dict[str, Any]) -> dict[str, Any]:
+    """Images/s delivered by the loader with and without the cache."""
+    ips = {name: median(values) for name, values in raw["images_per_s_rounds"].items()}
+    return {
+        "cache": raw["cache"],
+        "cache_fill_s": raw["cache_fill_s"],
+        "batches_per_round": raw["batches_per_round"],
+        "cached_images_per_s": ips["cached"],
+        "uncached_images_per_s": ips["uncached"],
+        "cached_images_per_s_over_uncached_images_per_s": ratio(ips["cached"], ips["uncached"]),
+        "rounds": raw["images_per_s_rounds"],
+    }
+
+
+def inference_figures(raw: dict[str, Any]) -> dict[str, Any]:
+    """Per-slice and per-volume latency of every back-end, their ratios to eager, and the output agreement."""
+    slice_s = {name: median(values) for name, values in raw["slice_latency_s_rounds"].items()}
+    network_s = {name: median(values) for name, values in raw["volume_network_s_rounds"].items()}
+    volume_s = {name: raw["prepare_s"] + value + raw["finish_s"] for name, value in network_s.items()}
+    figures: dict[str, Any] = {
+        "volume_shape": raw["volume_shape"],
+        "slices_analysed": raw["slices_analysed"],
+        "slice_batch_size": raw["slice_batch_size"],
+        "backends": list(slice_s),
+        "volume_prepare_s": raw["prepare_s"],
+        "volume_finish_s": raw["finish_s"],
+    }
+    for name in slice_s:
+        figures[f"{name}_slice_s"] = slice_s[name]
+        figures[f"{name}_volume_network_s"] = network_s[name]
+        figures[f"{name}_volume_s"] = volume_s[name]
+        figures[f"{name}_volume_slices_per_s"] = raw["slices_analysed"] / network_s[name]
+        if name != "eager":
+            figures[f"{name}_slice_s_over_eager_slice_s"] = ratio(slice_s[name], slice_s["eager"])
+            figures[f"{name}_volume_s_over_eager_volume_s"] = ratio(volume_s[name], volume_s["eager"])
+    figures["agreement"] = raw["agreement"]
+    figures["rounds"] = {"slice_s": raw["slice_latency_s_rounds"], "volume_network_s": raw["volume_network_s_rounds"]}
+    return figures
+
+
+def thread_figures(raw: dict[str, Any]) -> dict[str, Any]:
+    """Images/s of the multi-task step under each OpenMP wait policy."""
+    ips = {policy.lower(): median(raw[f"{policy.lower()}_images_per_s_rounds"]) for policy in THREAD_POLICIES}
+    return {
+        "active_images_per_s": ips["active"],
+        "passive_images_per_s": ips["passive"],
+        "passive_images_per_s_over_active_images_per_s": ratio(ips["passive"], ips["active"]),
+        "rounds": raw,
+    }
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """Whether the issue's targets are met by the ratios of this run."""
+    training, inference = result["training"], result["inference"]
+    scripted = {
+        name: inference[f"{name}_volume_s_over_eager_volume_s"]
+        for name in ("torchscript", "torchscript_frozen", "onnxruntime")
+        if f"{name}_volume_s_over_eager_volume_s" in inference
+    }
+    best = min(scripted, key=scripted.get)
+    return {
+        "multitask_step_within_1.05x_of_seg_only": training["multitask_step_s_over_seg_only_step_s"]
+        <= MAX_MULTITASK_OVER_SEG_ONLY,
+        "real_loading_at_least_0.95_of_compute_only": training[
+            "real_loading_images_per_s_over_compute_only_images_per_s"
+        ]
+        >= MIN_REAL_LOADING_OVER_COMPUTE_ONLY,
+        "scripted_or_onnx_not_slower_than_eager": scripted[best] <= MAX_SCRIPTED_OVER_EAGER,
+        "fastest_scripted_or_onnx_backend": best,
+        "outputs_agree": all(entry["agree"] for entry in inference["agreement"].values()),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+
+    model = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    ) if Path("/proc/cpuinfo").is_file() else platform.processor()  # fmt: skip
+    memory = next(
+        (int(line.split()[1]) / 1024 / 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+         if line.startswith("MemTotal")),
+        None,
+    ) if Path("/proc/meminfo").is_file() else None  # fmt: skip
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "memory_gib": None if memory is None else round(memory, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset: ACTIVE spinning)"),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Table
+
+
+def table(result: dict[str, Any]) -> str:
+    """The figures as a plain-text table."""
+    training, data, inference, memory = result["training"], result["data"], result["inference"], result["memory"]
+    rows = [
+        ("training: multi-task step", f"{training['multitask_images_per_s']:.1f} img/s",
+         f"{training['multitask_step_s']:.3f} s/step"),
+        ("training: seg-only step", f"{training['seg_only_images_per_s']:.1f} img/s",
+         f"{training['seg_only_step_s']:.3f} s/step"),
+        ("  multi-task / seg-only step time", f"{training['multitask_step_s_over_seg_only_step_s']:.3f}", "<= 1.05"),
+        ("training: multi-task, channels_last", f"{training['multitask_channels_last_images_per_s']:.1f} img/s",
+         f"x{training['multitask_channels_last_step_s_over_multitask_step_s']:.3f} step time"),
+        ("training: real loading", f"{training['real_loading_images_per_s']:.1f} img/s", "stage 3, both sources"),
+        ("training: compute only", f"{training['compute_only_images_per_s']:.1f} img/s", "same batches in memory"),
+        ("  real loading / compute only",
+         f"{training['real_loading_images_per_s_over_compute_only_images_per_s']:.3f}", ">= 0.95"),
+        ("data: cached loader", f"{data['cached_images_per_s']:.0f} img/s", f"cache {data['cache']}"),
+        ("data: uncached loader", f"{data['uncached_images_per_s']:.0f} img/s", "cache none"),
+        ("  cached / uncached", f"{data['cached_images_per_s_over_uncached_images_per_s']:.2f}", ""),
+    ]  # fmt: skip
+    for name in inference["backends"]:
+        slice_ratio = inference.get(f"{name}_slice_s_over_eager_slice_s")
+        volume_ratio = inference.get(f"{name}_volume_s_over_eager_volume_s")
+        note = "" if slice_ratio is None else f"x{slice_ratio:.2f} / x{volume_ratio:.2f} of eager"
+        rows.append(
+            (f"inference: {name}", f"{inference[f'{name}_slice_s'] * 1000:.1f} ms/slice",
+             f"{inference[f'{name}_volume_s']:.2f} s/volume {note}")
+        )  # fmt: skip
+    rows += [
+        ("peak RSS: training", f"{memory['training_peak_rss_mib']:.0f} MiB",
+         "" if memory["training_peak_rss_largest_child_mib"] is None
+         else f"largest worker {memory['training_peak_rss_largest_child_mib']:.0f} MiB"),
+        ("peak RSS: inference (one volume)", f"{memory['inference_peak_rss_mib']:.0f} MiB", "eager"),
+    ]  # fmt: skip
+    if "threads" in result:
+        threads = result["threads"]
+        rows.append(
+            ("OpenMP wait policy PASSIVE / ACTIVE", f"{threads['passive_images_per_s_over_active_images_per_s']:.2f}",
+             f"{threads['passive_images_per_s']:.1f} vs {threads['active_images_per_s']:.1f} img/s")
+        )  # fmt: skip
+    for name, met in result["targets"].items():
+        rows.append((f"target: {name}", str(met), ""))
+    width = max(len(row[0]) for row in rows)
+    return "\n".join(f"{a:<{width}}  {b:>16}  {c}" for a, b, c in rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def make_spec(args: argparse.Namespace, preset: Preset, dataset_dir: Path, volume_root: Path) -> Any:
+    """The phases' specification from the command line and the preset."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark_phases import Spec
+
+    batch_size = args.batch_size or preset.batch_size
+    return Spec(
+        train_configs=[TRAIN_CONFIG, preset.config],
+        infer_configs=[INFER_CONFIG, preset.config],
+        overrides=parse_overrides(args.overrides),
+        train_overrides={} if batch_size is None else {"batch_size": batch_size},
+        dataset_dir=str(dataset_dir.resolve()),
+        volume_root=str(volume_root.resolve()),
+        work_dir=str(args.work_dir.resolve()),
+        steps=args.steps or preset.steps,
+        warmup=max(1, args.warmup or preset.warmup),
+        rounds=args.rounds or preset.rounds,
+        slice_rounds=args.slice_rounds or preset.slice_rounds,
+        volume_rounds=args.volume_rounds or preset.volume_rounds,
+        onnx=not args.no_onnx,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark: data, every phase in its own process, the table and the JSON."""
+    args = parse_args(argv)
+    if args.phase:
+        return child_main(args)
+    preset = PRESETS[args.preset]
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    overrides = parse_overrides(args.overrides)
+    image_size = int(config_value([TRAIN_CONFIG, preset.config], overrides, "image_size"))
+    result: dict[str, Any] = {"preset": args.preset, "machine": machine()}
+    start = time.perf_counter()
+    if args.dataset_dir is None or args.volume is None:
+        print(f"Generating and preparing data at {image_size} px under {args.work_dir} (once) ...", flush=True)
+        prepared, volumes = generated_data(args.work_dir, image_size)
+    dataset_dir = args.dataset_dir or prepared
+    volume_root = args.volume or volumes
+    spec = make_spec(args, preset, dataset_dir, volume_root)
+    result["settings"] = {**dataclasses.asdict(spec), "image_size": image_size}
+    print(f"Benchmark, preset {args.preset} (logs under {args.work_dir}):", flush=True)
+    training = run_phase("training", spec, args.work_dir)
+    result["training"] = training_figures(training, args.peak_tflops)
+    result["data"] = data_figures(run_phase("data", spec, args.work_dir))
+    result["inference"] = inference_figures(run_phase("inference", spec, args.work_dir))
+    training_memory = run_phase("training_memory", spec, args.work_dir)
+    inference_memory = run_phase("inference_memory", spec, args.work_dir)
+    result["memory"] = {
+        "training_peak_rss_mib": training_memory["peak_rss_mib"],
+        "training_peak_rss_largest_child_mib": training_memory["peak_rss_largest_child_mib"],
+        "inference_peak_rss_mib": inference_memory["peak_rss_mib"],
+        **({"training_peak_gpu_allocated_mib": training_memory["peak_gpu_allocated_mib"]}
+           if "peak_gpu_allocated_mib" in training_memory else {}),
+    }  # fmt: skip
+    if preset.thread_study and not args.no_thread_study:
+        result["threads"] = thread_figures(thread_study(spec, args.work_dir))
+    result["targets"] = targets(result)
+    result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["wall_s"] = round(time.perf_counter() - start, 1)
+    print(table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"Figures written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""The measurements of ``scripts/benchmark.py``; each phase runs in a child process of its own.
+
+A phase builds the real pipeline objects from the bundle's configs (``train.yaml`` + the preset, or
+``inference.yaml`` + the preset) with :class:`monai.bundle.ConfigParser`, so the figures describe what users run.
+Things that are compared run in the same process, interleaved round by round, and each figure is the median over
+the rounds: on a shared machine the load changes from minute to minute, and interleaving exposes both contenders
+to the same load. Peak memory is measured in phases of their own, so that one phase's allocations do not show in
+another's figure.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = REPO_ROOT / "bundle"
+# As `python -m monai.bundle run` does: the bundle root on sys.path makes its package importable as `scripts`.
+if str(BUNDLE_ROOT) not in sys.path:
+    sys.path.insert(0, str(BUNDLE_ROOT))
+
+import torch  # noqa: E402
+from ignite.engine import Engine, Events  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
+
+from scripts.engines import performance_settings  # noqa: E402
+from scripts.inference import predict  # noqa: E402
+from scripts.inference.inputs import find_inputs  # noqa: E402
+
+# Stage 3 is the multi-task stage (segmentation + classification, BraTS batches alternating with Kaggle batches).
+# It starts from scratch here: the figures do not depend on the weights.
+STAGE_OVERRIDES = {"stage": 3, "stages#3#init_from": None, "mlflow_tracking": False, "train#handlers": []}
+# The seg-only step: stage 3 with the classification task and head switched off, everything else equal (batch,
+# optimizer, frozen BatchNorm statistics), so the ratio isolates the cost of the second task.
+SEG_ONLY_OVERRIDES = {"stages#3#tasks": ["seg"], "stages#3#trainable": ["encoder", "decoder"]}
+# Outputs of two inference back-ends agree when every logit does within these tolerances.
+AGREEMENT_ATOL = 1e-3
+AGREEMENT_RTOL = 1e-3
+MIB = 1024 * 1024
+SLICE_CALLS = 5
+
+
+@dataclass
+class Spec:
+    """What a phase measures and on which data (written as JSON by the parent, read by the child).
+
+    Attributes:
+        train_configs: config files (relative to the repository) of the training pipeline.
+        infer_configs: config files of the inference pipeline.
+        overrides: config values set over both (``--set``).
+        train_overrides: config values set over the training configs only (``--batch-size``).
+        dataset_dir: prepared data at the preset's image size.
+        volume_root: folder with a BraTS case (the per-volume inference latency).
+        work_dir: scratch folder (checkpoint and cache folders of the config).
+        steps: timed training iterations per round.
+        warmup: untimed iterations before them (first-call allocations, loader start-up).
+        rounds: interleaved rounds of the training and loading comparisons.
+        slice_rounds: rounds of the per-slice latency.
+        volume_rounds: rounds of the per-volume latency.
+        onnx: also measure ONNX Runtime when it is installed.
+    """
+
+    train_configs: list[str]
+    infer_configs: list[str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    dataset_dir: str = ""
+    volume_root: str = ""
+    work_dir: str = ""
+    steps: int = 10
+    warmup: int = 2
+    rounds: int = 5
+    slice_rounds: int = 20
+    volume_rounds: int = 3
+    onnx: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, as a plain float."""
+    return float(statistics.median(values))
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued GPU work, so that a timestamp means the work is done (nothing to do on a CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mib(children_before: float = 0.0) -> dict[str, float | None]:
+    """Peak resident memory of this process and of its largest finished child (loader workers), in MiB.
+
+    ``ru_maxrss`` is in KiB on Linux. A forked child counts the pages it shares with its parent, and importing
+    MONAI already forks a short-lived ``uname``: a child figure is reported only when it exceeds
+    ``children_before`` (the figure before the measured work), else None.
+    """
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {
+        "peak_rss_mib": round(own, 1),
+        "peak_rss_largest_child_mib": round(children, 1) if children > children_before else None,
+    }
+
+
+def children_rss_mib() -> float:
+    """The largest finished child's peak RSS so far, in MiB (the baseline of :func:`peak_rss_mib`)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def batch_images(batch: Mapping[str, Any]) -> int:
+    """Number of images in a collated batch."""
+    return int(batch["image"].shape[0])
+
+
+def cycle(iterable: Iterable) -> Iterator:
+    """Pass over an iterable again and again (a new iterator, hence a new epoch, each time)."""
+    while True:
+        yield from iterable
+
+
+def train_parser(spec: Spec, **extra: Any) -> ConfigParser:
+    """The training config of the spec, at stage 3, with the benchmark's overrides."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / name) for name in spec.train_configs])
+    work = Path(spec.work_dir)
+    parser.update(
+        {
+            "bundle_root": str(BUNDLE_ROOT),
+            "dataset_dir": spec.dataset_dir,
+            "ckpt_dir": str(work / "models"),
+            "output_dir": str(work / "eval"),
+            "cache_dir": str(work / "cache"),
+            **STAGE_OVERRIDES,
+            **spec.overrides,
+            **spec.train_overrides,
+            **extra,
+        }
+    )
+    return parser
+
+
+def infer_parser(spec: Spec) -> ConfigParser:
+    """The inference config of the spec with the benchmark's overrides."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / name) for name in spec.infer_configs])
+    parser.update({"bundle_root": str(BUNDLE_ROOT), **spec.overrides})
+    return parser
+
+
+def channels_last_configured(parser: ConfigParser) -> bool:
+    """Whether the config asks for channels_last (a ``channels_last`` key that is true)."""
+    return bool(parser.get("channels_last", False))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def timed_run(trainer: Engine, data: Iterable, steps: int, warmup: int) -> float:
+    """Run the trainer for ``warmup + steps`` iterations over ``data``; images per second of the last ``steps``.
+
+    The clock runs from the end of the last warm-up iteration to the end of the last one, so loading the batches
+    (when ``data`` is a real loader) counts as it does in training, and the loader's start-up does not.
+    """
+    stamps: list[float] = []
+    images: list[int] = []
+
+    def record(engine: Engine) -> None:
+        synchronize(engine.state.device)
+        stamps.append(time.perf_counter())
+        images.append(batch_images(engine.state.batch))
+
+    handle = trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    try:
+        # A fresh ignite state (not the stage's epochs): this many iterations, then stop.
+        trainer.state.max_epochs = None
+        trainer.state.max_iters = None
+        Engine.run(trainer, data, max_epochs=1, epoch_length=warmup + steps)
+    finally:
+        handle.remove()
+    return sum(images[warmup:]) / (stamps[-1] - stamps[warmup - 1])
+
+
+def interleaved(contenders: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Call every contender once per round, in an order that alternates between rounds; the values by name."""
+    names = list(contenders)
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else reversed(names):
+            values[name].append(contenders[name]())
+    return values
+
+
+def step_flops(trainer: Any, batch: Mapping[str, Any]) -> float:
+    """Floating-point operations of one training iteration (forward, backward) on this batch, as PyTorch counts
+    them (matrix multiplications and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trainer._process_function(trainer, batch)
+    return float(counter.get_total_flops())
+
+
+def replay_batches(loader: Iterable, count: int) -> list[Any]:
+    """The first ``count`` batches the loader delivers (starting a new epoch when it runs out), held in memory."""
+    return list(islice(cycle(loader), count))
+
+
+def measure_training(spec: Spec) -> dict[str, Any]:
+    """Training throughput: multi-task against seg-only (compute only), real loading against compute only."""
+    parser = train_parser(spec)
+    trainer = parser.get_parsed_content("train#trainer")
+    n = spec.warmup + spec.steps
+    replay = replay_batches(trainer.data_loader, n)
+    brats = [next(batch for batch in replay if "label" in batch)] * n
+    seg_only = train_parser(spec, **SEG_ONLY_OVERRIDES).get_parsed_content("train#trainer")
+    channels_last = train_parser(spec).get_parsed_content("train#trainer")
+    performance_settings(channels_last.network, channels_last=True)
+    compute = interleaved(
+        {
+            "multitask": lambda: timed_run(trainer, brats, spec.steps, spec.warmup),
+            "seg_only": lambda: timed_run(seg_only, brats, spec.steps, spec.warmup),
+            "multitask_channels_last": lambda: timed_run(channels_last, brats, spec.steps, spec.warmup),
+        },
+        spec.rounds,
+    )
+    loading = interleaved(
+        {
+            "real_loading": lambda: timed_run(trainer, trainer.data_loader, spec.steps, spec.warmup),
+            "compute_only": lambda: timed_run(trainer, replay, spec.steps, spec.warmup),
+        },
+        spec.rounds,
+    )
+    flops = step_flops(trainer, brats[0]) / batch_images(brats[0])
+    return {
+        "device": str(trainer.state.device),
+        "batch_size": batch_images(brats[0]),
+        "amp": bool(trainer.amp),
+        "channels_last_configured": channels_last_configured(parser),
+        "num_workers": int(parser.get_parsed_content("num_workers")),
+        "kaggle_steps": int(parser.get_parsed_content("stage_spec")["kaggle_steps"]),
+        "images_per_s_rounds": {**compute, **loading},
+        "multitask_flop_per_image": flops,
+    }
+
+
+def measure_step(spec: Spec) -> dict[str, Any]:
+    """The multi-task step alone (compute only): the unit of the thread-settings comparison."""
+    trainer = train_parser(spec).get_parsed_content("train#trainer")
+    n = spec.warmup + spec.steps
+    brats = [next(batch for batch in replay_batches(trainer.data_loader, n) if "label" in batch)] * n
+    rounds = [timed_run(trainer, brats, spec.steps, spec.warmup) for _ in range(spec.rounds)]
+    return {"images_per_s_rounds": rounds, "torch_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data pipeline
+
+
+def timed_iteration(loader: Iterable, count: int, warmup: int) -> float:
+    """Images per second the loader delivers over ``count`` batches after ``warmup`` untimed ones (a fresh
+    iterator: a new epoch, the loader's workers started during the warm-up)."""
+    batches = iter(cycle(loader))
+    for _ in range(warmup):
+        next(batches)
+    start, images = time.perf_counter(), 0
+    for _ in range(count):
+        images += batch_images(next(batches))
+    return images / (time.perf_counter() - start)
+
+
+def measure_data(spec: Spec) -> dict[str, Any]:
+    """Images per second of the stage-3 training loader with the configured cache and without one."""
+    cached_parser = train_parser(spec)
+    start = time.perf_counter()
+    cached = cached_parser.get_parsed_content("train#dataloader")
+    cache_fill_s = time.perf_counter() - start
+    uncached = train_parser(spec, cache="none").get_parsed_content("train#dataloader")
+    count = max(spec.steps * 2, 8)
+    rounds = interleaved(
+        {
+            "cached": lambda: timed_iteration(cached, count, spec.warmup),
+            "uncached": lambda: timed_iteration(uncached, count, spec.warmup),
+        },
+        spec.rounds,
+    )
+    return {
+        "cache": str(cached_parser.get_parsed_content("cache")),
+        "cache_fill_s": cache_fill_s,
+        "batches_per_round": count,
+        "images_per_s_rounds": rounds,
+    }
+
+
+def measure_training_memory(spec: Spec) -> dict[str, Any]:
+    """Peak RSS of the real stage-3 training: the configured cache filled, then training over the real loader."""
+    before = children_rss_mib()
+    trainer = train_parser(spec).get_parsed_content("train#trainer")
+    timed_run(trainer, trainer.data_loader, spec.steps, spec.warmup)
+    result = peak_rss_mib(before)
+    if torch.device(trainer.state.device).type == "cuda":
+        result["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Inference
+
+
+class OnnxNetwork:
+    """An ONNX Runtime session called like the multi-task network: ``f(x) -> {"seg": ..., "cls": ...}``."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        seg, cls = self.session.run(None, {"image": x.detach().cpu().numpy()})
+        return {"seg": torch.from_numpy(seg), "cls": torch.from_numpy(cls)}
+
+
+class OnDevice:
+    """A module without parameters to tell its device (a frozen TorchScript module), fed on its device."""
+
+    def __init__(self, module: Callable, device: torch.device) -> None:
+        self.module, self.device = module, device
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.module(x.to(self.device))
+
+
+class TupleOutputs(torch.nn.Module):
+    """The multi-task network with a tuple output (ONNX export takes no dict output)."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self.network(x)
+        return outputs["seg"], outputs["cls"]
+
+
+def onnx_network(network: torch.nn.Module, example: torch.Tensor, path: Path) -> OnnxNetwork | None:
+    """The network exported to ONNX and loaded in ONNX Runtime on the CPU, or None without onnxruntime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    torch.onnx.export(
+        TupleOutputs(network).eval(),
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["seg", "cls"],
+        dynamic_axes={"image": {0: "batch"}, "seg": {0: "batch"}, "cls": {0: "batch"}},
+        dynamo=False,
+    )
+    network.eval()  # the exporter may leave the module in another mode
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return OnnxNetwork(onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+
+
+def inference_backends(network: torch.nn.Module, example: torch.Tensor, spec: Spec) -> dict[str, Callable]:
+    """The ways to run the network at inference, each ``f(x) -> {"seg", "cls"}``.
+
+    - ``eager``: the network as ``inference.yaml`` builds it for a ``model.pt``.
+    - ``eager_channels_last``: the same with NHWC weights (``performance_settings``).
+    - ``torchscript``: ``torch.jit.script``, what ``ckpt_export`` writes to ``model.ts``.
+    - ``torchscript_frozen``: that module frozen and optimised for inference (BatchNorm folded into the
+      convolutions, weights pre-packed for oneDNN).
+    - ``onnxruntime``: ONNX Runtime's CPU provider, when it is installed.
+    """
+    network = network.eval()
+    device = next(network.parameters()).device
+    frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(network).eval()))
+    backends: dict[str, Callable] = {
+        "eager": network,
+        "eager_channels_last": performance_settings(copy.deepcopy(network), channels_last=True).eval(),
+        "torchscript": torch.jit.script(network).eval(),
+        "torchscript_frozen": OnDevice(frozen, device),
+    }
+    if spec.onnx and device.type == "cpu":
+        session = onnx_network(network, example, Path(spec.work_dir) / "model.onnx")
+        if session is not None:
+            backends["onnxruntime"] = session
+    return backends
+
+
+def eager_network(spec: Spec) -> tuple[torch.nn.Module, Any]:
+    """The eager network (random weights: latency does not depend on them) and the inference settings."""
+    parser = infer_parser(spec)
+    network = parser.get_parsed_content("network_def").to(parser.get_parsed_content("device")).eval()
+    return network, parser.get_parsed_content("settings")
+
+
+def first_volume(spec: Spec, settings: Any) -> Any:
+    """The first BraTS case under the spec's volume folder, as an inference input."""
+    volumes = [item for item in find_inputs(spec.volume_root, settings) if item.kind == "volume"]
+    if not volumes:
+        raise FileNotFoundError(f"no BraTS case under {spec.volume_root}")
+    return volumes[0]
+
+
+def timed(function: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[float, Any]:
+    """Seconds a call takes (its GPU work included), and what it returned."""
+    start = time.perf_counter()
+    result = function()
+    synchronize(device)
+    return time.perf_counter() - start, result
+
+
+def slice_latency(backend: Callable, one_slice: torch.Tensor, device: torch.device) -> float:
+    """Median seconds of ``SLICE_CALLS`` consecutive calls on one slice: the steady state of a back-end (right
+    after another back-end ran, the first call can take twice as long, as caches and thread pools change hands)."""
+    return median([timed(lambda: backend(one_slice), device)[0] for _ in range(SLICE_CALLS)])
+
+
+def agreement(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """How far another back-end's logits are from the eager network's, and whether they agree."""
+    result: dict[str, Any] = {}
+    agree = True
+    for key in ("seg", "cls"):
+        expected, got = reference[key].float(), other[key].float()
+        result[f"max_abs_diff_{key}_logits"] = float((expected - got).abs().max())
+        agree = agree and bool(torch.allclose(expected, got, atol=AGREEMENT_ATOL, rtol=AGREEMENT_RTOL))
+    result["agree"] = agree
+    return result
+
+
+def measure_inference(spec: Spec) -> dict[str, Any]:
+    """Latency per slice (batch of one) and per volume (read, slice batches through the network, mask back on the
+    volume's grid), for every back-end, with their outputs compared against the eager network's."""
+    network, settings = eager_network(spec)
+    device = next(network.parameters()).device
+    item = first_volume(spec, settings)
+    prepare_s, prepared = timed(lambda: predict.prepare(item, settings))
+    stack = torch.as_tensor(prepared.image)
+    one_slice = stack[len(stack) // 2 : len(stack) // 2 + 1].to(device)
+    backends = inference_backends(network, stack[: settings.slice_batch_size].to(device), spec)
+
+    def run(backend: Callable) -> dict[str, torch.Tensor]:
+        return predict.run_network(backend, prepared.image, settings.slice_batch_size)
+
+    with torch.inference_mode():
+        for backend in backends.values():  # first calls: allocation, TorchScript profiling runs
+            backend(one_slice)
+            backend(one_slice)
+        slice_rounds = interleaved(
+            {name: (lambda b=backend: slice_latency(b, one_slice, device)) for name, backend in backends.items()},
+            spec.slice_rounds,
+        )
+        outputs = {name: run(backend) for name, backend in backends.items()}
+        network_rounds = interleaved(
+            {name: (lambda b=backend: timed(lambda: run(b))[0]) for name, backend in backends.items()},
+            spec.volume_rounds,
+        )
+    finish_s, _ = timed(lambda: predict.finish(prepared, outputs["eager"], settings))
+    masks = {name: predict.finish(prepared, out, settings).mask for name, out in outputs.items()}
+    return {
+        "volume_shape": [int(s) for s in prepared.loaded.original_shape],
+        "slices_analysed": len(stack),
+        "slice_batch_size": settings.slice_batch_size,
+        "prepare_s": prepare_s,
+        "finish_s": finish_s,
+        "slice_latency_s_rounds": slice_rounds,
+        "volume_network_s_rounds": network_rounds,
+        "agreement": {
+            name: {
+                **agreement(outputs["eager"], out),
+                "mask_equal_fraction": float((masks[name] == masks["eager"]).mean()),
+            }
+            for name, out in outputs.items()
+            if name != "eager"
+        },
+    }
+
+
+def measure_inference_memory(spec: Spec) -> dict[str, Any]:
+    """Peak RSS of predicting one volume with the eager network, as ``inference.yaml`` runs a ``model.pt``."""
+    network, settings = eager_network(spec)
+    predict.predict(network, first_volume(spec, settings), settings)
+    return peak_rss_mib()
+
+
+PHASES: dict[str, Callable[[Spec], dict[str, Any]]] = {
+    "training": measure_training,
+    "step": measure_step,
+    "data": measure_data,
+    "training_memory": measure_training_memory,
+    "inference": measure_inference,
+    "inference_memory": measure_inference_memory,
+}
