@@ -13,6 +13,7 @@ Example::
 
     python scripts/benchmark.py --preset demo --out demo.json
     python scripts/benchmark.py --preset full --out full.json     # the seed's network: minutes on a CPU
+    python scripts/benchmark.py --preset full --train-config configs/gpu.yaml --batch-size 16 --peak-tflops 989
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import benchmark_phases as phases
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -103,6 +105,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="config override for training and inference, VALUE in YAML (e.g. --set base_filters=8)",
     )
+    parser.add_argument(
+        "--train-config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="extra config layered over the training configs, e.g. configs/gpu.yaml (repeatable)",
+    )
     parser.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
     for name in ("steps", "warmup", "rounds", "slice-rounds", "volume-rounds"):
         parser.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
@@ -151,15 +160,21 @@ def config_value(configs: Sequence[str], overrides: dict[str, Any], key: str) ->
     return parser.get_parsed_content(key)
 
 
+def generate_synthetic(
+    out: Path, cases: int, kaggle_per_class: int, log: Path, shape: Sequence[int] | None = None
+) -> Path:
+    """Synthetic BraTS + Kaggle data from make_synthetic_data.py in ``out``, unless it is there already."""
+    if not (out / "manifest.json").is_file():
+        command = [sys.executable, "scripts/make_synthetic_data.py", "--out", str(out), "--force",
+                   "--brats-cases", str(cases), "--kaggle-per-class", str(kaggle_per_class)]  # fmt: skip
+        run_logged(command + (["--shape", *map(str, shape)] if shape else []), log)
+    return out
+
+
 def generated_data(work_dir: Path, image_size: int) -> tuple[Path, Path]:
     """Synthetic BraTS + Kaggle data prepared at ``image_size`` under ``work_dir`` (made once, then reused)."""
     synthetic = work_dir / "synthetic"
-    if not (synthetic / "manifest.json").is_file():
-        run_logged(
-            [sys.executable, "scripts/make_synthetic_data.py", "--out", str(synthetic), "--force",
-             "--brats-cases", str(SYNTHETIC_CASES), "--kaggle-per-class", str(SYNTHETIC_KAGGLE_PER_CLASS)],
-            work_dir / "make_synthetic_data.log",
-        )  # fmt: skip
+    generate_synthetic(synthetic, SYNTHETIC_CASES, SYNTHETIC_KAGGLE_PER_CLASS, work_dir / "make_synthetic_data.log")
     prepared = work_dir / f"prepared_{image_size}"
     # prepare_data.py does nothing when its output is up to date.
     run_logged(
@@ -174,7 +189,7 @@ def generated_data(work_dir: Path, image_size: int) -> tuple[Path, Path]:
 # Child processes
 
 
-def run_phase(name: str, spec: Any, work_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_phase(name: str, spec: phases.Spec, work_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run one phase in a child process and return its figures."""
     spec_path, result_path = work_dir / f"{name}.spec.json", work_dir / f"{name}.result.json"
     spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
@@ -191,16 +206,13 @@ def run_phase(name: str, spec: Any, work_dir: Path, env: dict[str, str] | None =
 
 def child_main(args: argparse.Namespace) -> int:
     """Entry point of a child process: run the phase, write its figures."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import benchmark_phases
-
-    spec = benchmark_phases.Spec(**json.loads(args.spec.read_text()))
-    result = benchmark_phases.PHASES[args.phase](spec)
+    spec = phases.Spec(**json.loads(args.spec.read_text()))
+    result = phases.PHASES[args.phase](spec)
     args.result.write_text(json.dumps(result))
     return 0
 
 
-def thread_study(spec: Any, work_dir: Path) -> dict[str, Any]:
+def thread_study(spec: phases.Spec, work_dir: Path) -> dict[str, Any]:
     """The multi-task step under each OpenMP wait policy, child processes alternating between the policies.
 
     The policy is read when the OpenMP runtime starts (``import torch``), so it cannot change inside a process.
@@ -218,13 +230,6 @@ def thread_study(spec: Any, work_dir: Path) -> dict[str, Any]:
 # Figures
 
 
-def median(values: Sequence[float]) -> float:
-    """The median of a list of figures."""
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def ratio(numerator: float, denominator: float) -> float:
     """numerator / denominator."""
     return numerator / denominator
@@ -233,7 +238,7 @@ def ratio(numerator: float, denominator: float) -> float:
 def training_figures(raw: dict[str, Any], peak_tflops: float | None) -> dict[str, Any]:
     """Images/s, step times and the ratios of the training phase."""
     rounds = raw["images_per_s_rounds"]
-    ips = {name: median(values) for name, values in rounds.items()}
+    ips = {name: phases.median(values) for name, values in rounds.items()}
     batch = raw["batch_size"]
     step_s = {name: batch / value for name, value in ips.items()}
     achieved = raw["multitask_flop_per_image"] * ips["multitask"] / 1e12
@@ -265,7 +270,7 @@ def training_figures(raw: dict[str, Any], peak_tflops: float | None) -> dict[str
 
 def data_figures(raw: dict[str, Any]) -> dict[str, Any]:
     """Images/s delivered by the loader with and without the cache."""
-    ips = {name: median(values) for name, values in raw["images_per_s_rounds"].items()}
+    ips = {name: phases.median(values) for name, values in raw["images_per_s_rounds"].items()}
     return {
         "cache": raw["cache"],
         "cache_fill_s": raw["cache_fill_s"],
@@ -279,8 +284,8 @@ def data_figures(raw: dict[str, Any]) -> dict[str, Any]:
 
 def inference_figures(raw: dict[str, Any]) -> dict[str, Any]:
     """Per-slice and per-volume latency of every back-end, their ratios to eager, and the output agreement."""
-    slice_s = {name: median(values) for name, values in raw["slice_latency_s_rounds"].items()}
-    network_s = {name: median(values) for name, values in raw["volume_network_s_rounds"].items()}
+    slice_s = {name: phases.median(values) for name, values in raw["slice_latency_s_rounds"].items()}
+    network_s = {name: phases.median(values) for name, values in raw["volume_network_s_rounds"].items()}
     volume_s = {name: raw["prepare_s"] + value + raw["finish_s"] for name, value in network_s.items()}
     figures: dict[str, Any] = {
         "volume_shape": raw["volume_shape"],
@@ -305,7 +310,7 @@ def inference_figures(raw: dict[str, Any]) -> dict[str, Any]:
 
 def thread_figures(raw: dict[str, Any]) -> dict[str, Any]:
     """Images/s of the multi-task step under each OpenMP wait policy."""
-    ips = {policy.lower(): median(raw[f"{policy.lower()}_images_per_s_rounds"]) for policy in THREAD_POLICIES}
+    ips = {policy.lower(): phases.median(raw[f"{policy.lower()}_images_per_s_rounds"]) for policy in THREAD_POLICIES}
     return {
         "active_images_per_s": ips["active"],
         "passive_images_per_s": ips["passive"],
@@ -416,14 +421,11 @@ def table(result: dict[str, Any]) -> str:
 # Main
 
 
-def make_spec(args: argparse.Namespace, preset: Preset, dataset_dir: Path, volume_root: Path) -> Any:
+def make_spec(args: argparse.Namespace, preset: Preset, dataset_dir: Path, volume_root: Path) -> phases.Spec:
     """The phases' specification from the command line and the preset."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from benchmark_phases import Spec
-
     batch_size = args.batch_size or preset.batch_size
-    return Spec(
-        train_configs=[TRAIN_CONFIG, preset.config],
+    return phases.Spec(
+        train_configs=[TRAIN_CONFIG, preset.config, *args.train_config],
         infer_configs=[INFER_CONFIG, preset.config],
         overrides=parse_overrides(args.overrides),
         train_overrides={} if batch_size is None else {"batch_size": batch_size},
@@ -447,14 +449,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     args.work_dir.mkdir(parents=True, exist_ok=True)
     overrides = parse_overrides(args.overrides)
-    image_size = int(config_value([TRAIN_CONFIG, preset.config], overrides, "image_size"))
+    image_size = int(config_value([TRAIN_CONFIG, preset.config, *args.train_config], overrides, "image_size"))
     result: dict[str, Any] = {"preset": args.preset, "machine": machine()}
     start = time.perf_counter()
-    if args.dataset_dir is None or args.volume is None:
+    dataset_dir, volume_root = args.dataset_dir, args.volume
+    if dataset_dir is None or volume_root is None:
         print(f"Generating and preparing data at {image_size} px under {args.work_dir} (once) ...", flush=True)
         prepared, volumes = generated_data(args.work_dir, image_size)
-    dataset_dir = args.dataset_dir or prepared
-    volume_root = args.volume or volumes
+        dataset_dir, volume_root = dataset_dir or prepared, volume_root or volumes
     spec = make_spec(args, preset, dataset_dir, volume_root)
     result["settings"] = {**dataclasses.asdict(spec), "image_size": image_size}
     print(f"Benchmark, preset {args.preset} (logs under {args.work_dir}):", flush=True)

@@ -11,6 +11,7 @@ another's figure.
 from __future__ import annotations
 
 import copy
+import gc
 import resource
 import statistics
 import sys
@@ -309,8 +310,12 @@ def measure_training_memory(spec: Spec) -> dict[str, Any]:
     before = children_rss_mib()
     trainer = train_parser(spec).get_parsed_content("train#trainer")
     timed_run(trainer, trainer.data_loader, spec.steps, spec.warmup)
+    on_gpu = torch.device(trainer.state.device).type == "cuda"
+    # Persistent loader workers end (and are counted in RUSAGE_CHILDREN) only when their loader goes.
+    del trainer
+    gc.collect()
     result = peak_rss_mib(before)
-    if torch.device(trainer.state.device).type == "cuda":
+    if on_gpu:
         result["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
     return result
 
@@ -454,17 +459,28 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
     def run(backend: Callable) -> dict[str, torch.Tensor]:
         return predict.run_network(backend, prepared.image, settings.slice_batch_size)
 
+    # Every batch shape a volume gives (full batches, the last one's remainder, one slice) is run twice before the
+    # clock starts: the first calls of a shape allocate, and TorchScript profiles and then specialises its graph.
+    remainder = len(stack) % settings.slice_batch_size
+    shapes = [one_slice, stack[: settings.slice_batch_size].to(device)] + (
+        [stack[:remainder].to(device)] * bool(remainder)
+    )
     with torch.inference_mode():
-        for backend in backends.values():  # first calls: allocation, TorchScript profiling runs
-            backend(one_slice)
-            backend(one_slice)
+        for backend in backends.values():
+            for batch in shapes + shapes:
+                backend(batch)
         slice_rounds = interleaved(
             {name: (lambda b=backend: slice_latency(b, one_slice, device)) for name, backend in backends.items()},
             spec.slice_rounds,
         )
-        outputs = {name: run(backend) for name, backend in backends.items()}
+        outputs: dict[str, dict[str, torch.Tensor]] = {}
+
+        def timed_volume(name: str, backend: Callable) -> float:
+            seconds, outputs[name] = timed(lambda: run(backend))  # the outputs are compared below
+            return seconds
+
         network_rounds = interleaved(
-            {name: (lambda b=backend: timed(lambda: run(b))[0]) for name, backend in backends.items()},
+            {name: (lambda n=name, b=backend: timed_volume(n, b)) for name, backend in backends.items()},
             spec.volume_rounds,
         )
     finish_s, _ = timed(lambda: predict.finish(prepared, outputs["eager"], settings))

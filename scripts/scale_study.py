@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchmark import generate_synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_BRATS_PATIENTS = 1251
@@ -150,17 +151,6 @@ def folder_bytes(folder: Path) -> int:
 # Data
 
 
-def generate(out: Path, cases: int, kaggle_per_class: int, shape: Sequence[int] | None, log: Path) -> Path:
-    """Synthetic data from make_synthetic_data.py (made once per folder)."""
-    if not (out / "manifest.json").is_file():
-        command = [sys.executable, "scripts/make_synthetic_data.py", "--out", str(out), "--force",
-                   "--brats-cases", str(cases), "--kaggle-per-class", str(kaggle_per_class)]  # fmt: skip
-        if shape:
-            command += ["--shape", *map(str, shape)]
-        measured_run(command, log)
-    return out
-
-
 def linked_cases(base: Path, patients: int, out: Path) -> Path:
     """``patients`` BraTS 2021 case folders whose files link to the base cases in turn."""
     if out.exists():
@@ -237,7 +227,9 @@ def study_size(patients: int, args: argparse.Namespace, base: Path) -> dict[str,
     work = args.work_dir / f"n{patients}"
     work.mkdir(parents=True, exist_ok=True)
     # The generator always writes a BraTS case too: a tiny one, not used.
-    kaggle = generate(work / "kaggle_source", 1, kaggle_per_class(patients), TINY_SHAPE, work / "generate.log")
+    kaggle = generate_synthetic(
+        work / "kaggle_source", 1, kaggle_per_class(patients), work / "generate.log", TINY_SHAPE
+    )
     brats = linked_cases(base / "brats", patients, work / "brats")
     prepared = work / "prepared"
     command = [sys.executable, "scripts/prepare_data.py", "--brats", str(brats), "--kaggle", str(kaggle / "kaggle"),
@@ -267,7 +259,7 @@ def study_size(patients: int, args: argparse.Namespace, base: Path) -> dict[str,
 def study(args: argparse.Namespace) -> dict[str, Any]:
     """Every size, then growth and the full-data extrapolation."""
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    base = generate(args.work_dir / "base", args.base_cases, 2, args.shape, args.work_dir / "base.log")
+    base = generate_synthetic(args.work_dir / "base", args.base_cases, 2, args.work_dir / "base.log", args.shape)
     sizes = sorted(args.sizes)
     rows = []
     for patients in sizes:
