@@ -300,3 +300,31 @@ def test_restart_false_keeps_the_checkpoints(tmp_path: Path) -> None:
         resume_checkpoint(tmp_path, restart="maybe")
     with pytest.raises(ValueError):
         as_bool("nope")
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_skipped_when_resuming(tmp_path: Path) -> None:
+    from scripts.stages import resume_checkpoint
+
+    torch.save({"epoch": 1}, tmp_path / "checkpoint_epoch=1.pt")
+    torch.save({"epoch": 2}, tmp_path / "checkpoint_epoch=2.pt")
+    whole = (tmp_path / "checkpoint_epoch=2.pt").read_bytes()
+    (tmp_path / "checkpoint_epoch=2.pt").write_bytes(whole[: len(whole) // 2])  # as a kill during torch.save leaves
+    assert resume_checkpoint(tmp_path) == str(tmp_path / "checkpoint_epoch=1.pt")
+    assert not (tmp_path / "checkpoint_epoch=2.pt").exists()
+
+
+def test_epoch_checkpoints_are_written_atomically(tmp_path: Path) -> None:
+    from ignite.engine import Engine
+
+    from scripts.handlers import AtomicCheckpointSaver
+
+    network, optimizer_free = torch.nn.Linear(2, 1), torch.nn.Linear(1, 1)
+    save_dict = {"model": network, "other": optimizer_free}  # two entries: named checkpoint_*, as in train.yaml
+    saver = AtomicCheckpointSaver(save_dir=str(tmp_path), save_dict=save_dict, save_interval=1, n_saved=1)
+    assert saver._interval_checkpoint.save_handler._atomic
+    engine = Engine(lambda engine, batch: None)
+    saver.attach(engine)
+    engine.run([0, 1], max_epochs=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint_epoch=2.pt"]  # no temporary file left behind
+    state = torch.load(tmp_path / "checkpoint_epoch=2.pt", map_location="cpu")
+    assert torch.equal(state["model"]["weight"], network.weight.detach())

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Events
+from monai.handlers import CheckpointSaver
 from torch import nn
 
 from .stages import epoch_checkpoints
@@ -127,3 +128,18 @@ class KeepLatestEpochCheckpoint:
     def __call__(self, engine: Any) -> None:
         for path in epoch_checkpoints(self.directory)[:-1]:
             os.remove(path)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI's :class:`~monai.handlers.CheckpointSaver`, writing every file atomically (temporary file, then rename).
+
+    MONAI's saver writes in place, so a run killed while saving leaves a truncated ``checkpoint_epoch=N.pt`` that
+    looks complete and breaks the resume; written this way, a killed save leaves the previous epoch's file.
+    Takes the same arguments.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
+            if checkpoint is not None:
+                checkpoint.save_handler._atomic = True  # ignite's DiskSaver option, which MONAI turns off

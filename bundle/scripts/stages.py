@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -116,16 +117,22 @@ def epoch_checkpoints(directory: str | os.PathLike) -> list[str]:
 
 
 def resume_checkpoint(directory: str | os.PathLike, restart: bool = False) -> str:
-    """The newest full training-state checkpoint of a stage, to continue an interrupted run ('' if none).
+    """The newest complete training-state checkpoint of a stage, to continue an interrupted run ('' if none).
 
-    With ``restart`` the stage's old checkpoints are removed first, so the stage starts again from scratch.
+    A file cut short by a kill during saving (not a complete zip archive, as ``torch.save`` writes) is removed and
+    the previous epoch's file used instead. With ``restart`` the stage's old checkpoints are removed first, so the
+    stage starts again from scratch.
     """
     if as_bool(restart, "restart") and os.path.isdir(directory):
         shutil.rmtree(directory)
     os.makedirs(directory, exist_ok=True)
 
-    candidates = epoch_checkpoints(directory)
-    return candidates[-1] if candidates else ""
+    for candidate in reversed(epoch_checkpoints(directory)):
+        if zipfile.is_zipfile(candidate):
+            return candidate
+        print(f"{candidate} is incomplete (the run was stopped while saving it): removed.", flush=True)
+        os.remove(candidate)
+    return ""
 
 
 def _bundle_run_arguments(argv: Sequence[str]) -> list[str]:
