@@ -55,13 +55,14 @@ class Preset:
     Attributes:
         config: the repository's preset layered over the bundle's configs.
         batch_size: training batch override (None: the preset's own); the full preset uses a small batch on CPUs.
-        steps, warmup, rounds, slice_rounds, volume_rounds: see ``benchmark_phases.Spec``.
+        steps, loading_steps, warmup, rounds, slice_rounds, volume_rounds: see ``benchmark_phases.Spec``.
         thread_study: also compare OpenMP wait policies (two extra child processes per policy).
     """
 
     config: str
     batch_size: int | None
     steps: int
+    loading_steps: int
     warmup: int
     rounds: int
     slice_rounds: int
@@ -70,10 +71,10 @@ class Preset:
 
 
 PRESETS = {
-    "demo": Preset("configs/demo.yaml", None, steps=10, warmup=2, rounds=5, slice_rounds=20, volume_rounds=3,
-                   thread_study=True),
-    "full": Preset("configs/full.yaml", 2, steps=3, warmup=1, rounds=3, slice_rounds=5, volume_rounds=1,
-                   thread_study=False),
+    "demo": Preset("configs/demo.yaml", None, steps=4, loading_steps=12, warmup=2, rounds=7, slice_rounds=10,
+                   volume_rounds=3, thread_study=True),
+    "full": Preset("configs/full.yaml", 2, steps=1, loading_steps=4, warmup=1, rounds=7, slice_rounds=3,
+                   volume_rounds=1, thread_study=False),
 }  # fmt: skip
 
 
@@ -113,7 +114,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="extra config layered over the training configs, e.g. configs/gpu.yaml (repeatable)",
     )
     parser.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
-    for name in ("steps", "warmup", "rounds", "slice-rounds", "volume-rounds"):
+    for name in ("steps", "loading-steps", "warmup", "rounds", "slice-rounds", "volume-rounds"):
         parser.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out even when installed")
     parser.add_argument("--no-thread-study", action="store_true", help="skip the OpenMP wait-policy comparison")
@@ -401,8 +402,7 @@ def table(result: dict[str, Any]) -> str:
         )  # fmt: skip
     rows += [
         ("peak RSS: training", f"{memory['training_peak_rss_mib']:.0f} MiB",
-         "" if memory["training_peak_rss_largest_child_mib"] is None
-         else f"largest worker {memory['training_peak_rss_largest_child_mib']:.0f} MiB"),
+         f"with loader workers (PSS) {memory['training_peak_tree_pss_mib']:.0f} MiB"),
         ("peak RSS: inference (one volume)", f"{memory['inference_peak_rss_mib']:.0f} MiB", "eager"),
     ]  # fmt: skip
     if "threads" in result:
@@ -433,6 +433,7 @@ def make_spec(args: argparse.Namespace, preset: Preset, dataset_dir: Path, volum
         volume_root=str(volume_root.resolve()),
         work_dir=str(args.work_dir.resolve()),
         steps=args.steps or preset.steps,
+        loading_steps=args.loading_steps or preset.loading_steps,
         warmup=max(1, args.warmup or preset.warmup),
         rounds=args.rounds or preset.rounds,
         slice_rounds=args.slice_rounds or preset.slice_rounds,
@@ -468,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inference_memory = run_phase("inference_memory", spec, args.work_dir)
     result["memory"] = {
         "training_peak_rss_mib": training_memory["peak_rss_mib"],
-        "training_peak_rss_largest_child_mib": training_memory["peak_rss_largest_child_mib"],
+        "training_peak_tree_pss_mib": training_memory["peak_tree_pss_mib"],
         "inference_peak_rss_mib": inference_memory["peak_rss_mib"],
         **({"training_peak_gpu_allocated_mib": training_memory["peak_gpu_allocated_mib"]}
            if "peak_gpu_allocated_mib" in training_memory else {}),

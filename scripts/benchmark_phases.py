@@ -11,10 +11,11 @@ another's figure.
 from __future__ import annotations
 
 import copy
-import gc
+import os
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +62,9 @@ class Spec:
         dataset_dir: prepared data at the preset's image size.
         volume_root: folder with a BraTS case (the per-volume inference latency).
         work_dir: scratch folder (checkpoint and cache folders of the config).
-        steps: timed training iterations per round.
+        steps: timed training iterations per round (one replayed batch: compute only).
+        loading_steps: timed iterations per round of the loading comparison (0: ``steps``); whole cycles of the
+            stage-3 loader (one BraTS batch, ``kaggle_steps`` Kaggle batches) keep both kinds in the figure.
         warmup: untimed iterations before them (first-call allocations, loader start-up).
         rounds: interleaved rounds of the training and loading comparisons.
         slice_rounds: rounds of the per-slice latency.
@@ -77,6 +80,7 @@ class Spec:
     volume_root: str = ""
     work_dir: str = ""
     steps: int = 10
+    loading_steps: int = 0
     warmup: int = 2
     rounds: int = 5
     slice_rounds: int = 20
@@ -99,24 +103,68 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_rss_mib(children_before: float = 0.0) -> dict[str, float | None]:
-    """Peak resident memory of this process and of its largest finished child (loader workers), in MiB.
-
-    ``ru_maxrss`` is in KiB on Linux. A forked child counts the pages it shares with its parent, and importing
-    MONAI already forks a short-lived ``uname``: a child figure is reported only when it exceeds
-    ``children_before`` (the figure before the measured work), else None.
-    """
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {
-        "peak_rss_mib": round(own, 1),
-        "peak_rss_largest_child_mib": round(children, 1) if children > children_before else None,
-    }
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (``ru_maxrss``, KiB on Linux), in MiB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def children_rss_mib() -> float:
-    """The largest finished child's peak RSS so far, in MiB (the baseline of :func:`peak_rss_mib`)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+def process_memory_bytes(pid: int) -> int:
+    """A process's proportional set size (its private pages plus its share of shared ones), else its RSS."""
+    for name, field_name in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
+        try:
+            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+                if line.startswith(field_name):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return 0
+
+
+def _descendants(root: int) -> set[int]:
+    """A process and all its descendants (from the parent pids in /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                # The command name (2nd field) may hold spaces; the fields after its closing parenthesis do not.
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = {pid for pid, ppid in parents.items() if ppid == parent} - tree
+        tree |= children
+        frontier.extend(children)
+    return tree
+
+
+def tree_memory_bytes(root: int) -> int:
+    """Memory of a process tree: the sum of its processes' PSS, so that pages a forked loader worker shares with
+    the trainer (or a preparation worker with its parent) count once, not once per process."""
+    return sum(process_memory_bytes(pid) for pid in _descendants(root))
+
+
+class TreeMemorySampler:
+    """Samples a process tree's memory (:func:`tree_memory_bytes`) in a background thread; ``peak`` in bytes."""
+
+    def __init__(self, pid: int, interval_s: float = 0.1) -> None:
+        self.pid, self.interval_s, self.peak = pid, interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_memory_bytes(self.pid))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> TreeMemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def batch_images(batch: Mapping[str, Any]) -> int:
@@ -168,29 +216,39 @@ def channels_last_configured(parser: ConfigParser) -> bool:
 # Training
 
 
-def timed_run(trainer: Engine, data: Iterable, steps: int, warmup: int) -> float:
+def timed_run(trainer: Engine, data: Iterable, steps: int, warmup: int = 0) -> float:
     """Run the trainer for ``warmup + steps`` iterations over ``data``; images per second of the last ``steps``.
 
-    The clock runs from the end of the last warm-up iteration to the end of the last one, so loading the batches
-    (when ``data`` is a real loader) counts as it does in training, and the loader's start-up does not.
+    The clock runs from the end of the last warm-up iteration (without warm-up: from the first batch's fetch) to
+    the end of the last iteration, so loading the batches (when ``data`` is a real loader) counts as it does in
+    training; a warm-up keeps the loader's start of a pass out of the figure.
     """
-    stamps: list[float] = []
+    starts: list[float] = []
+    ends: list[float] = []
     images: list[int] = []
 
-    def record(engine: Engine) -> None:
+    def started(engine: Engine) -> None:
+        starts.append(time.perf_counter())
+
+    def completed(engine: Engine) -> None:
         synchronize(engine.state.device)
-        stamps.append(time.perf_counter())
+        ends.append(time.perf_counter())
         images.append(batch_images(engine.state.batch))
 
-    handle = trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    handles = [
+        trainer.add_event_handler(Events.GET_BATCH_STARTED, started),
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, completed),
+    ]
     try:
         # A fresh ignite state (not the stage's epochs): this many iterations, then stop.
         trainer.state.max_epochs = None
         trainer.state.max_iters = None
         Engine.run(trainer, data, max_epochs=1, epoch_length=warmup + steps)
     finally:
-        handle.remove()
-    return sum(images[warmup:]) / (stamps[-1] - stamps[warmup - 1])
+        for handle in handles:
+            handle.remove()
+    start = ends[warmup - 1] if warmup else starts[0]
+    return sum(images[warmup:]) / (ends[-1] - start)
 
 
 def interleaved(contenders: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
@@ -223,24 +281,23 @@ def measure_training(spec: Spec) -> dict[str, Any]:
     """Training throughput: multi-task against seg-only (compute only), real loading against compute only."""
     parser = train_parser(spec)
     trainer = parser.get_parsed_content("train#trainer")
-    n = spec.warmup + spec.steps
-    replay = replay_batches(trainer.data_loader, n)
-    brats = [next(batch for batch in replay if "label" in batch)] * n
+    loading_steps = spec.loading_steps or spec.steps
+    replay = replay_batches(trainer.data_loader, spec.warmup + loading_steps)
+    brats = [next(batch for batch in replay if "label" in batch)] * max(spec.warmup, spec.steps)
     seg_only = train_parser(spec, **SEG_ONLY_OVERRIDES).get_parsed_content("train#trainer")
     channels_last = train_parser(spec).get_parsed_content("train#trainer")
     performance_settings(channels_last.network, channels_last=True)
+    trainers = {"multitask": trainer, "seg_only": seg_only, "multitask_channels_last": channels_last}
+    for each in trainers.values():  # first iterations allocate; the rounds need no warm-up of their own
+        timed_run(each, brats, spec.warmup)
+    # One batch replayed: compute only, so rounds can be short and finely interleaved.
     compute = interleaved(
-        {
-            "multitask": lambda: timed_run(trainer, brats, spec.steps, spec.warmup),
-            "seg_only": lambda: timed_run(seg_only, brats, spec.steps, spec.warmup),
-            "multitask_channels_last": lambda: timed_run(channels_last, brats, spec.steps, spec.warmup),
-        },
-        spec.rounds,
+        {name: (lambda t=each: timed_run(t, brats, spec.steps)) for name, each in trainers.items()}, spec.rounds
     )
     loading = interleaved(
         {
-            "real_loading": lambda: timed_run(trainer, trainer.data_loader, spec.steps, spec.warmup),
-            "compute_only": lambda: timed_run(trainer, replay, spec.steps, spec.warmup),
+            "real_loading": lambda: timed_run(trainer, trainer.data_loader, loading_steps, spec.warmup),
+            "compute_only": lambda: timed_run(trainer, replay, loading_steps, spec.warmup),
         },
         spec.rounds,
     )
@@ -260,9 +317,10 @@ def measure_training(spec: Spec) -> dict[str, Any]:
 def measure_step(spec: Spec) -> dict[str, Any]:
     """The multi-task step alone (compute only): the unit of the thread-settings comparison."""
     trainer = train_parser(spec).get_parsed_content("train#trainer")
-    n = spec.warmup + spec.steps
+    n = max(spec.warmup, spec.steps)
     brats = [next(batch for batch in replay_batches(trainer.data_loader, n) if "label" in batch)] * n
-    rounds = [timed_run(trainer, brats, spec.steps, spec.warmup) for _ in range(spec.rounds)]
+    timed_run(trainer, brats, spec.warmup)
+    rounds = [timed_run(trainer, brats, spec.steps) for _ in range(spec.rounds)]
     return {"images_per_s_rounds": rounds, "torch_threads": torch.get_num_threads()}
 
 
@@ -306,16 +364,13 @@ def measure_data(spec: Spec) -> dict[str, Any]:
 
 
 def measure_training_memory(spec: Spec) -> dict[str, Any]:
-    """Peak RSS of the real stage-3 training: the configured cache filled, then training over the real loader."""
-    before = children_rss_mib()
-    trainer = train_parser(spec).get_parsed_content("train#trainer")
-    timed_run(trainer, trainer.data_loader, spec.steps, spec.warmup)
-    on_gpu = torch.device(trainer.state.device).type == "cuda"
-    # Persistent loader workers end (and are counted in RUSAGE_CHILDREN) only when their loader goes.
-    del trainer
-    gc.collect()
-    result = peak_rss_mib(before)
-    if on_gpu:
+    """Peak memory of the real stage-3 training (the configured cache filled, then training over the real loader):
+    the trainer's RSS, and the whole process tree's PSS (the trainer and its loader workers, shared pages once)."""
+    with TreeMemorySampler(os.getpid()) as sampler:
+        trainer = train_parser(spec).get_parsed_content("train#trainer")
+        timed_run(trainer, trainer.data_loader, spec.steps, spec.warmup)
+    result = {"peak_rss_mib": peak_rss_mib(), "peak_tree_pss_mib": round(sampler.peak / MIB, 1)}
+    if torch.device(trainer.state.device).type == "cuda":
         result["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated() / MIB, 1)
     return result
 
@@ -508,7 +563,7 @@ def measure_inference_memory(spec: Spec) -> dict[str, Any]:
     """Peak RSS of predicting one volume with the eager network, as ``inference.yaml`` runs a ``model.pt``."""
     network, settings = eager_network(spec)
     predict.predict(network, first_volume(spec, settings), settings)
-    return peak_rss_mib()
+    return {"peak_rss_mib": peak_rss_mib()}
 
 
 PHASES: dict[str, Callable[[Spec], dict[str, Any]]] = {

@@ -2,9 +2,10 @@
 """How data preparation and the training cache grow with the number of patients, and what full data would need.
 
 For each size N (default 10, 40 and 160 patients) the study prepares N BraTS cases and N x 7023/1251 Kaggle images
-(the real collections' ratio) with ``scripts/prepare_data.py`` and measures its wall time, the peak resident
-memory of its whole process tree (sampled from /proc) and the disk it writes; then it builds the bundle's memory
-cache of the training slices (``train#dataset``, stage 1) in a child process and measures the RSS it adds. A
+(the real collections' ratio) with ``scripts/prepare_data.py`` and measures its wall time, the peak memory of
+its whole process tree (PSS sampled from /proc: pages shared between processes count once) and the disk it writes;
+then it builds the bundle's memory cache of the training slices (``train#dataset``, stage 1) in a child process
+and measures the memory it adds. A
 least-squares line through the sizes gives the cost per patient, the growth exponent between the smallest and the
 largest size says whether growth is linear (1) or better (< 1), and the line is extrapolated to full BraTS 2021
 (1,251 patients) + Kaggle (7,023 images).
@@ -28,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,12 +36,12 @@ from typing import Any
 
 import numpy as np
 from benchmark import generate_synthetic
+from benchmark_phases import TreeMemorySampler, process_memory_bytes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FULL_BRATS_PATIENTS = 1251
 FULL_KAGGLE_IMAGES = 7023
 KAGGLE_CLASSES = 4
-SAMPLE_INTERVAL_S = 0.1
 TINY_SHAPE = (24, 24, 24)
 GIB = 1024**3
 
@@ -68,69 +68,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Memory of a process tree
-
-
-def _parents() -> dict[int, int]:
-    """Parent pid of every process (from /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                # The command name (2nd field) may hold spaces; the fields after its closing parenthesis do not.
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            parents[int(entry.name)] = int(fields[1])
-    return parents
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def tree_rss_bytes(root: int) -> int:
-    """Resident memory of a process and all its descendants, added up (shared pages count in each)."""
-    parents = _parents()
-    tree, frontier = {root}, [root]
-    while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(_rss_bytes(pid) for pid in tree)
-
-
-class TreeMemorySampler:
-    """Samples a process tree's RSS in a background thread and keeps the peak."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid, self.peak = pid, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(self.pid))
-            self._stop.wait(SAMPLE_INTERVAL_S)
-
-    def __enter__(self) -> TreeMemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+# Measuring
 
 
 def measured_run(command: list[str], log: Path) -> dict[str, float]:
-    """Run a command from the repository root; its wall time and the peak RSS of its process tree."""
+    """Run a command from the repository root; its wall time and the peak memory (PSS) of its process tree."""
     with open(log, "w") as out:
         start = time.perf_counter()
         process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -139,7 +81,7 @@ def measured_run(command: list[str], log: Path) -> dict[str, float]:
         wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"{' '.join(command)} exited {code}; see {log}")
-    return {"wall_s": wall, "peak_tree_rss_gib": sampler.peak / GIB}
+    return {"wall_s": wall, "peak_tree_pss_gib": sampler.peak / GIB}
 
 
 def folder_bytes(folder: Path) -> int:
@@ -175,7 +117,7 @@ def kaggle_per_class(patients: int) -> int:
 
 
 def cache_phase(dataset_dir: Path) -> dict[str, Any]:
-    """RSS that the bundle's memory cache of the stage-1 training slices adds (run in a child process)."""
+    """Memory (PSS) that the bundle's memory cache of the stage-1 training slices adds (run in a child process)."""
     sys.path.insert(0, str(REPO_ROOT / "bundle"))
     from monai.bundle import ConfigParser
 
@@ -184,12 +126,12 @@ def cache_phase(dataset_dir: Path) -> dict[str, Any]:
     parser.update({"bundle_root": str(REPO_ROOT / "bundle"), "dataset_dir": str(dataset_dir), "stage": 1,
                    "cache": "memory", "cache_rate": 1.0, "mlflow_tracking": False})  # fmt: skip
     items = parser.get_parsed_content("brats_training")
-    before = _rss_bytes(os.getpid())
+    before = process_memory_bytes(os.getpid())
     start = time.perf_counter()
     dataset = parser.get_parsed_content("train#dataset")
     fill_s = time.perf_counter() - start
-    added = _rss_bytes(os.getpid()) - before
-    return {"slices": len(dataset), "items": len(items), "cache_rss_gib": added / GIB, "fill_s": fill_s}
+    added = process_memory_bytes(os.getpid()) - before
+    return {"slices": len(dataset), "items": len(items), "cache_pss_gib": added / GIB, "fill_s": fill_s}
 
 
 def measure_cache(dataset_dir: Path, work: Path) -> dict[str, Any]:
@@ -243,13 +185,13 @@ def study_size(patients: int, args: argparse.Namespace, base: Path) -> dict[str,
         "kaggle_images": summary["kaggle"]["images_found"],
         "slices": summary["brats"]["slices_total"] - summary["brats"]["slices_dropped_little_brain"],
         "prepare_wall_s": run["wall_s"],
-        "prepare_peak_tree_rss_gib": run["peak_tree_rss_gib"],
+        "prepare_peak_tree_pss_gib": run["peak_tree_pss_gib"],
         "prepared_disk_gib": folder_bytes(prepared) / GIB,
         "timings_s": summary["timings_s"],
     }
     if not args.no_cache:
         cache = measure_cache(prepared, work)
-        figures.update({"cache_rss_gib": cache["cache_rss_gib"], "cache_slices": cache["slices"],
+        figures.update({"cache_pss_gib": cache["cache_pss_gib"], "cache_slices": cache["slices"],
                         "cache_fill_s": cache["fill_s"]})  # fmt: skip
     if not args.keep:
         shutil.rmtree(prepared)
@@ -265,8 +207,8 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
     for patients in sizes:
         print(f"  {patients} patients ...", flush=True)
         rows.append(study_size(patients, args, base))
-    metrics = ["prepare_wall_s", "prepare_peak_tree_rss_gib", "prepared_disk_gib"]
-    metrics += [] if args.no_cache else ["cache_rss_gib"]
+    metrics = ["prepare_wall_s", "prepare_peak_tree_pss_gib", "prepared_disk_gib"]
+    metrics += [] if args.no_cache else ["cache_pss_gib"]
     return {
         "machine": {"cpu_count": os.cpu_count(), "load_average_end": [round(x, 2) for x in os.getloadavg()]},
         "settings": {"size": args.size, "base_cases": args.base_cases, "workers": args.workers, "sizes": sizes},
@@ -278,13 +220,13 @@ def study(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(result: dict[str, Any]) -> str:
     """The figures as a plain-text table."""
-    lines = [f"{'patients':>8} {'images':>7} {'slices':>7} {'prepare s':>10} {'prep RSS GiB':>13} {'disk GiB':>9}"
+    lines = [f"{'patients':>8} {'images':>7} {'slices':>7} {'prepare s':>10} {'prep PSS GiB':>13} {'disk GiB':>9}"
              f" {'cache GiB':>10}"]  # fmt: skip
     for row in result["rows"]:
-        cache = row.get("cache_rss_gib")
+        cache = row.get("cache_pss_gib")
         lines.append(
             f"{row['patients']:>8} {row['kaggle_images']:>7} {row['slices']:>7} {row['prepare_wall_s']:>10.1f}"
-            f" {row['prepare_peak_tree_rss_gib']:>13.2f} {row['prepared_disk_gib']:>9.2f}"
+            f" {row['prepare_peak_tree_pss_gib']:>13.2f} {row['prepared_disk_gib']:>9.2f}"
             f" {'' if cache is None else f'{cache:.2f}':>10}"
         )
     lines.append("growth (exponent 1 = linear) and full BraTS 2021 + Kaggle estimate:")
