@@ -293,6 +293,7 @@ def inference_figures(raw: dict[str, Any]) -> dict[str, Any]:
         "slices_analysed": raw["slices_analysed"],
         "slice_batch_size": raw["slice_batch_size"],
         "backends": list(slice_s),
+        "notes": raw["notes"],
         "volume_prepare_s": raw["prepare_s"],
         "volume_finish_s": raw["finish_s"],
     }
@@ -413,6 +414,7 @@ def table(result: dict[str, Any]) -> str:
         )  # fmt: skip
     for name, met in result["targets"].items():
         rows.append((f"target: {name}", str(met), ""))
+    rows += [("note", "", note) for note in inference["notes"]]
     width = max(len(row[0]) for row in rows)
     return "\n".join(f"{a:<{width}}  {b:>16}  {c}" for a, b, c in rows)
 

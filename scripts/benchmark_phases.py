@@ -412,28 +412,34 @@ class TupleOutputs(torch.nn.Module):
         return outputs["seg"], outputs["cls"]
 
 
-def onnx_network(network: torch.nn.Module, example: torch.Tensor, path: Path) -> OnnxNetwork | None:
-    """The network exported to ONNX and loaded in ONNX Runtime on the CPU, or None without onnxruntime."""
+def onnx_network(network: torch.nn.Module, example: torch.Tensor, path: Path) -> OnnxNetwork | str:
+    """The network exported to ONNX and loaded in ONNX Runtime on the CPU, or why it cannot be (a note)."""
     try:
         import onnxruntime
     except ImportError:
-        return None
-    torch.onnx.export(
-        TupleOutputs(network).eval(),
-        (example,),
-        str(path),
-        input_names=["image"],
-        output_names=["seg", "cls"],
-        dynamic_axes={"image": {0: "batch"}, "seg": {0: "batch"}, "cls": {0: "batch"}},
-        dynamo=False,
-    )
-    network.eval()  # the exporter may leave the module in another mode
+        return "onnxruntime is not installed (pip install onnxruntime onnx): ONNX Runtime column skipped"
+    try:
+        torch.onnx.export(
+            TupleOutputs(network).eval(),
+            (example,),
+            str(path),
+            input_names=["image"],
+            output_names=["seg", "cls"],
+            dynamic_axes={"image": {0: "batch"}, "seg": {0: "batch"}, "cls": {0: "batch"}},
+            dynamo=False,
+        )
+    except Exception as error:  # an optional column: report why it is missing, measure the rest
+        return f"ONNX export failed ({type(error).__name__}: {error}): ONNX Runtime column skipped"
+    finally:
+        network.eval()  # the exporter may leave the module in another mode
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     return OnnxNetwork(onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
 
 
-def inference_backends(network: torch.nn.Module, example: torch.Tensor, spec: Spec) -> dict[str, Callable]:
+def inference_backends(
+    network: torch.nn.Module, example: torch.Tensor, spec: Spec, notes: list[str]
+) -> dict[str, Callable]:
     """The ways to run the network at inference, each ``f(x) -> {"seg", "cls"}``.
 
     - ``eager``: the network as ``inference.yaml`` builds it for a ``model.pt``.
@@ -441,7 +447,7 @@ def inference_backends(network: torch.nn.Module, example: torch.Tensor, spec: Sp
     - ``torchscript``: ``torch.jit.script``, what ``ckpt_export`` writes to ``model.ts``.
     - ``torchscript_frozen``: that module frozen and optimised for inference (BatchNorm folded into the
       convolutions, weights pre-packed for oneDNN).
-    - ``onnxruntime``: ONNX Runtime's CPU provider, when it is installed.
+    - ``onnxruntime``: ONNX Runtime's CPU provider, when it is installed (else a note in ``notes``).
     """
     network = network.eval()
     device = next(network.parameters()).device
@@ -454,7 +460,9 @@ def inference_backends(network: torch.nn.Module, example: torch.Tensor, spec: Sp
     }
     if spec.onnx and device.type == "cpu":
         session = onnx_network(network, example, Path(spec.work_dir) / "model.onnx")
-        if session is not None:
+        if isinstance(session, str):
+            notes.append(session)
+        else:
             backends["onnxruntime"] = session
     return backends
 
@@ -509,7 +517,8 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
     prepare_s, prepared = timed(lambda: predict.prepare(item, settings))
     stack = torch.as_tensor(prepared.image)
     one_slice = stack[len(stack) // 2 : len(stack) // 2 + 1].to(device)
-    backends = inference_backends(network, stack[: settings.slice_batch_size].to(device), spec)
+    notes: list[str] = []
+    backends = inference_backends(network, stack[: settings.slice_batch_size].to(device), spec, notes)
 
     def run(backend: Callable) -> dict[str, torch.Tensor]:
         return predict.run_network(backend, prepared.image, settings.slice_batch_size)
@@ -544,6 +553,7 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
         "volume_shape": [int(s) for s in prepared.loaded.original_shape],
         "slices_analysed": len(stack),
         "slice_batch_size": settings.slice_batch_size,
+        "notes": notes,
         "prepare_s": prepare_s,
         "finish_s": finish_s,
         "slice_latency_s_rounds": slice_rounds,
