@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 PY=.venv/bin/python
 export MLFLOW_DISABLE_TELEMETRY=true
+# OpenMP threads sleep instead of spinning while they wait: on a shared CPU spinning cost 2.8-6.4x (docs/performance.md).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 DATA=${DATA:-data}
 SYNTHETIC=$DATA/synthetic

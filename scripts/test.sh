@@ -15,6 +15,8 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
         || echo "[setup] could not install ${missing[*]}: the tests that need them will be skipped"
 fi
 export MLFLOW_DISABLE_TELEMETRY=true
+# OpenMP threads sleep instead of spinning while they wait: on a shared CPU spinning cost 2.8-6.4x (docs/performance.md).
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
