@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from .tracking import TrackingClient, code_version, executed_config, write_run_file
+from .tracking import TrackingClient, code_version, executed_config, is_finite_number, write_run_file
 
 _TASK_COMPONENTS = {"seg": ("encoder", "decoder"), "cls": ("encoder", "cls_head")}
 
@@ -142,7 +142,7 @@ class StageTracking:
 
     def validated(self, validator: Engine) -> None:
         epoch = self._trainer.state.epoch if self._trainer is not None else validator.state.epoch
-        metrics = {name: float(value) for name, value in validator.state.metrics.items() if _is_number(value)}
+        metrics = {name: float(value) for name, value in validator.state.metrics.items() if is_finite_number(value)}
         self.client.log_metrics(self.run_id, metrics, step=epoch)
 
     def completed(self, trainer: Engine) -> None:
@@ -171,7 +171,3 @@ class StageTracking:
 
 def _group_name(index: int, group: Mapping[str, Any]) -> str:
     return str(group.get("name", f"group_{index}"))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and value == value  # NaN (undefined metric) is left out

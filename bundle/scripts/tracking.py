@@ -248,14 +248,13 @@ class TrackingClient:
     def log_metrics(self, run_id: str | None, metrics: Mapping[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric
 
-        if run_id and metrics:
-            now = int(time.time() * 1000)
-            items = [Metric(key, float(value), now, step) for key, value in metrics.items() if value is not None]
-            self.call(self.client.log_batch, run_id, metrics=items)
+        now = int(time.time() * 1000)
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items() if value is not None]
+        self.log_metric_batch(run_id, items)
 
     def log_metric_batch(self, run_id: str | None, metrics: Sequence[Any]) -> None:
         if run_id and metrics:
-            for start in range(0, len(metrics), 1000):
+            for start in range(0, len(metrics), 1000):  # MLflow takes at most 1000 metrics per batch
                 self.call(self.client.log_batch, run_id, metrics=list(metrics[start : start + 1000]))
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
@@ -331,8 +330,10 @@ class PipelineTracking:
         self.run_id: str | None = None
 
     def start(self, stages: Sequence[int]) -> list[str]:
-        """Open the parent run; returns the command-line overrides that put each stage's run under it."""
-        check_tracking(self.tracking_uri)
+        """Open the parent run; returns the command-line overrides that put each stage's run under it.
+
+        The store was checked with :func:`check_tracking` by the config's first ``run`` step, before any data.
+        """
         self.client = TrackingClient(self.tracking_uri, self.experiment_name)
         run_name = f"{self.variant} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         tags = {"variant": self.variant, "baseline": str(self.variant != "multitask").lower(), "kind": "pipeline"}
@@ -380,7 +381,7 @@ def log_evaluation(run_dir: str, eval_dir: str, model_files: Sequence[str] = (),
     metrics_file = Path(eval_dir) / "metrics.json"
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
-        numbers = {prefix + key: value for key, value in metrics.items() if _is_finite_number(value)}
+        numbers = {prefix + key: value for key, value in metrics.items() if is_finite_number(value)}
         client.log_metrics(run_id, numbers)
     for path in sorted(Path(eval_dir).iterdir()) if Path(eval_dir).is_dir() else []:
         if path.is_file():
@@ -391,7 +392,8 @@ def log_evaluation(run_dir: str, eval_dir: str, model_files: Sequence[str] = (),
     return client.report(f"Evaluation of run {run_id}")
 
 
-def _is_finite_number(value: Any) -> bool:
+def is_finite_number(value: Any) -> bool:
+    """A real number MLflow can plot: not a bool, NaN (an undefined metric) or infinite."""
     return (
         isinstance(value, (int, float))
         and not isinstance(value, bool)
