@@ -293,7 +293,7 @@ def test_command_line_booleans_mean_what_they_say(text: object, expected: bool) 
 def test_restart_false_keeps_the_checkpoints(tmp_path: Path) -> None:
     from scripts.stages import as_bool, resume_checkpoint
 
-    (tmp_path / "checkpoint_epoch=3.pt").touch()
+    torch.save({"epoch": 3}, tmp_path / "checkpoint_epoch=3.pt")
     assert resume_checkpoint(tmp_path, restart="false").endswith("checkpoint_epoch=3.pt")
     assert resume_checkpoint(tmp_path, restart="true") == ""
     with pytest.raises(ValueError, match="restart must be true or false, got 'maybe'"):
