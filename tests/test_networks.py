@@ -21,6 +21,7 @@ from scripts.networks import (
     load_network_weights,
     segmentation_state_dict,
 )
+from scripts.networks.normalization import DomainBatchNorm2d, is_batch_norm
 
 SMALL = {"base_filters": 8, "depth": 3}
 
@@ -208,7 +209,7 @@ def test_mismatched_checkpoint_names_missing_and_unexpected_keys() -> None:
 
 def test_checkpoint_of_another_size_names_the_shape_mismatch() -> None:
     other = create_multi_task_model(base_filters=4, depth=3)
-    with pytest.raises(CheckpointMismatchError, match=r"encoder\.stem\.0\.weight: checkpoint \(4, 1, 3, 3\)"):
+    with pytest.raises(CheckpointMismatchError, match=r"encoder\.stem\.conv1\.weight: checkpoint \(4, 1, 3, 3\)"):
         load_network_weights(create_multi_task_model(**SMALL), other.state_dict())
 
 
@@ -242,7 +243,7 @@ def test_instance_norm_variant_normalises_each_image_alone_and_scripts() -> None
     torch.manual_seed(0)
     batch_norm, instance_norm = create_multi_task_model(**SMALL), create_multi_task_model(norm="instance", **SMALL)
     assert count(instance_norm) == count(batch_norm)  # same learnt scale and shift per channel
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in instance_norm.modules())
+    assert not any(is_batch_norm(m) for m in instance_norm.modules())
     instance_norm.eval()
     x = torch.randn(4, 1, 32, 32)
     with torch.no_grad():
@@ -252,3 +253,69 @@ def test_instance_norm_variant_normalises_each_image_alone_and_scripts() -> None
         torch.testing.assert_close(torch.jit.script(instance_norm)(x)["cls"], instance_norm(x)["cls"])
     with pytest.raises(ValueError, match="norm must be one of"):
         create_multi_task_model(norm="group", **SMALL)
+
+
+def test_one_domain_batchnorm_is_pytorch_batchnorm() -> None:
+    torch.manual_seed(0)
+    reference, layer = torch.nn.BatchNorm2d(6), DomainBatchNorm2d(6)
+    x = torch.randn(8, 6, 5, 5) * 3 + 2
+    for _ in range(3):
+        torch.testing.assert_close(layer(x), reference(x))
+    torch.testing.assert_close(layer.running_mean[0], reference.running_mean)
+    torch.testing.assert_close(layer.running_var[0], reference.running_var)
+    layer.eval(), reference.eval()
+    torch.testing.assert_close(layer(x, domain=1), reference(x))  # one set of statistics serves every domain
+
+
+def test_each_domain_keeps_its_own_statistics_and_shares_the_scale_and_shift() -> None:
+    torch.manual_seed(0)
+    layer = DomainBatchNorm2d(3, num_domains=2)
+    slices, images = torch.randn(16, 3, 4, 4), torch.randn(16, 3, 4, 4) * 5 + 10
+    layer(slices, domain=0)
+    assert layer.running_mean[1].abs().max() == 0, "a batch of domain 0 moved domain 1's statistics"
+    layer(images, domain=1)
+    assert layer.running_mean[1].min() > 0.9 > layer.running_mean[0].abs().max()  # 0.1 of the batch means ~10 and ~0
+    assert layer.num_batches_tracked.tolist() == [1, 1]
+    assert [name for name, _ in layer.named_parameters()] == ["weight", "bias"]
+    layer.eval()
+    # Each domain's images come out normalised by their own statistics, not the other domain's.
+    assert (layer(images, domain=1) - layer(images, domain=0)).abs().mean() > 1
+
+
+def test_two_domain_model_has_the_seed_parameters_and_scripts_with_a_domain() -> None:
+    torch.manual_seed(0)
+    one, two = create_multi_task_model(**SMALL), create_multi_task_model(num_domains=2, **SMALL)
+    assert count(two) == count(one)
+    two.load_state_dict(two.state_dict())
+    with torch.no_grad():
+        for module in two.encoder.modules():  # distinct statistics per domain, so the domain must matter
+            if isinstance(module, DomainBatchNorm2d):
+                module.running_mean[1].normal_()
+    two.eval()
+    scripted = torch.jit.script(two)
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        for domain in (0, 1):
+            eager = two(x, domain=domain)
+            torch.testing.assert_close(scripted(x, True, True, domain)["cls"], eager["cls"])
+            torch.testing.assert_close(scripted(x, True, True, domain)["seg"], eager["seg"])
+        assert not torch.allclose(two(x, domain=0)["cls"], two(x, domain=1)["cls"])
+    assert not any(m.num_domains > 1 for m in two.decoder.modules() if isinstance(m, DomainBatchNorm2d))
+
+
+def test_avgmax_head_sees_the_average_and_the_maximum_of_each_channel() -> None:
+    torch.manual_seed(0)
+    head = ClassificationHead(in_channels=4, num_classes=2, hidden_dim=3, dropout=0.0, pooling="avgmax").eval()
+    assert count(head) == (2 * 4) * 3 + 3 + 3 * 2 + 2
+    spot, flat = torch.zeros(1, 4, 6, 6), torch.zeros(1, 4, 6, 6)
+    spot[0, :, 2, 3] = 36.0  # one bright position...
+    flat[...] = 1.0  # ...against the same average spread evenly: only the maximum tells them apart
+    with torch.no_grad():
+        assert not torch.allclose(head(spot), head(flat))
+        avg_only = ClassificationHead(in_channels=4, hidden_dim=3, dropout=0.0).eval()
+        torch.testing.assert_close(avg_only(spot), avg_only(flat))
+        torch.testing.assert_close(torch.jit.script(head)(spot), head(spot))
+    model = create_multi_task_model(cls_pooling="avgmax", **SMALL)
+    assert count(model) == count(create_multi_task_model(**SMALL)) + model.encoder.out_channels[-1] * 256
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        ClassificationHead(pooling="median")

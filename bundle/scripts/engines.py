@@ -14,19 +14,30 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
+from .networks.normalization import DOMAINS, is_batch_norm
+
 # Metadata that travels with a batch into the evaluator's output, for per-patient evaluation.
 PASSTHROUGH_KEYS = ("source", "patient", "slice", "group", "cls4")
 
 
 def freeze_batchnorm_statistics(network: nn.Module) -> None:
-    """Put every BatchNorm layer in eval mode: affine weights still learn, running statistics stay fixed.
-
-    Alternating BraTS and Kaggle batches would otherwise pull the running statistics back and forth between the
-    two domains, and evaluation would use a mixture that fits neither.
-    """
+    """Put every BatchNorm layer in eval mode: affine weights still learn, running statistics stay fixed."""
     for module in network.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if is_batch_norm(module):
             module.eval()
+
+
+def batch_domain(batch: Mapping[str, Any]) -> int:
+    """The image domain of a batch (0: BraTS volume slices, 1: Kaggle images), from its ``source``.
+
+    The loaders never mix sources in one batch; a batch that did would be normalised with one domain's BatchNorm
+    statistics for all its images, so it is refused.
+    """
+    sources = batch.get("source", "brats")
+    sources = {sources} if isinstance(sources, str) else set(sources)
+    if len(sources) != 1 or not sources <= DOMAINS.keys():
+        raise ValueError(f"A batch must hold images of one source out of {sorted(DOMAINS)}, got {sorted(sources)}.")
+    return DOMAINS[sources.pop()]
 
 
 def performance_settings(network: nn.Module, channels_last: bool = False, cudnn_benchmark: bool = False) -> nn.Module:
@@ -106,7 +117,9 @@ class MultiTaskTrainStep:
             freeze_batchnorm_statistics(engine.network)
         engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", True))
         with _autocast(engine, device):
-            outputs = engine.network(images, do_seg="seg" in targets, do_cls="cls" in targets)
+            outputs = engine.network(
+                images, do_seg="seg" in targets, do_cls="cls" in targets, domain=batch_domain(batch)
+            )
             losses = engine.loss_function(outputs, targets)
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and engine.amp:
@@ -142,7 +155,7 @@ class MultiTaskEvalStep:
         do_cls = "cls" in self.tasks
         engine.network.eval()
         with torch.inference_mode(), _autocast(engine, device):
-            outputs = engine.inferer(images, engine.network, do_seg=do_seg, do_cls=do_cls)
+            outputs = engine.inferer(images, engine.network, do_seg=do_seg, do_cls=do_cls, domain=batch_domain(batch))
         result: dict[str, Any] = {key: batch[key] for key in PASSTHROUGH_KEYS if key in batch}
         if do_seg:
             result["seg_prob"] = torch.sigmoid(outputs["seg"].float())
@@ -153,3 +166,39 @@ class MultiTaskEvalStep:
             if "cls" in targets:
                 result["cls"] = targets["cls"]
         return result
+
+
+def estimate_domain_statistics(network: nn.Module, loader: Any, source: str = "kaggle") -> nn.Module:
+    """Estimate the encoder's BatchNorm statistics of a data source's domain from its images (AdaBN).
+
+    A stage that first shows the network a new source with the encoder frozen (stage 2 shows the Kaggle images to
+    an encoder trained on BraTS slices) has no statistics for that domain yet. One pass over the source's training
+    images, without gradients, sets them to the exact mean of the batch statistics; the encoder's weights stay as
+    they are. Does nothing for a network that keeps one set of statistics.
+
+    Args:
+        network: the multi-task network (with ``encoder``), on its device.
+        loader: the source's training images.
+        source: the data source, a key of ``DOMAINS``.
+    """
+    domain = DOMAINS[source]
+    layers = [m for m in network.encoder.modules() if is_batch_norm(m) and getattr(m, "num_domains", 1) > domain]
+    if not layers or not loader:
+        return network
+    modes = [layer.training for layer in layers]
+    momenta = [layer.momentum for layer in layers]
+    device = next(network.parameters()).device
+    with torch.no_grad():
+        for layer in layers:
+            layer.train()
+            layer.running_mean[domain].zero_()
+            layer.running_var[domain].fill_(1.0)
+        for count, batch in enumerate(loader):
+            for layer in layers:
+                layer.momentum = 1.0 / (count + 1)  # a running mean over the batches: each weighs the same
+            network.encoder(plain_tensor(batch["image"], device), domain)
+    for layer, mode, momentum in zip(layers, modes, momenta, strict=True):
+        layer.train(mode)
+        layer.momentum = momentum
+    print(f"BatchNorm statistics of the {source} images estimated from {count + 1} batches.", flush=True)
+    return network

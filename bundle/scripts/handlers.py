@@ -15,6 +15,7 @@ from ignite.engine import Events
 from monai.handlers import CheckpointSaver
 from torch import nn
 
+from .engines import estimate_domain_statistics
 from .stages import epoch_checkpoints
 
 
@@ -143,3 +144,27 @@ class AtomicCheckpointSaver(CheckpointSaver):
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:
                 checkpoint.save_handler._atomic = True  # ignite's DiskSaver option, which MONAI turns off
+
+
+class DomainStatistics:
+    """Estimate a data source's BatchNorm statistics when the stage starts (see ``estimate_domain_statistics``).
+
+    Attached after the handler that loads the stage's starting checkpoint, so the estimate is not overwritten by
+    the previous stage's statistics for that source (which it never saw).
+
+    Args:
+        network: the network being trained (not its DistributedDataParallel wrapper).
+        loader: the source's training images.
+        source: the data source whose domain gets the statistics.
+    """
+
+    def __init__(self, network: torch.nn.Module, loader: Any, source: str = "kaggle") -> None:
+        self.network = network
+        self.loader = loader
+        self.source = source
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any) -> None:
+        estimate_domain_statistics(self.network, self.loader, self.source)

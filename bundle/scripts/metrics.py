@@ -99,20 +99,24 @@ def _mean_of_defined(*values: float) -> float:
 def validation_metrics(tasks: Sequence[str], sources: Sequence[str] = ("brats", "kaggle")) -> dict[str, Metric]:
     """The validation metrics of a stage and ``val_score``, the key metric that selects the best checkpoint.
 
-    ``val_score`` is the Dice for a segmentation stage, the AUC over all classification data for a classification
-    stage, and their mean when a stage trains both.
+    The classification score is the mean of the AUCs of the sources (an AUC over the pooled sources would let the
+    larger source decide, and reward separating the sources rather than tumours). ``val_score`` is the Dice for a
+    segmentation stage, the classification score for a classification stage, and the mean of the two when a stage
+    trains both.
 
     Args:
         tasks: the stage's tasks ("seg", "cls").
         sources: data sources that get their own classification metrics.
     """
     metrics: dict[str, Metric] = {}
+    parts: list[Metric] = []
     if "seg" in tasks:
         metrics["val_dice"] = SliceDice()
+        parts.append(metrics["val_dice"])
     if "cls" in tasks:
         metrics["val_auc"] = TumourAUC()
         metrics["val_accuracy"] = TumourAccuracy()
         for source in sources:
             metrics[f"val_{source}_auc"] = TumourAUC(source=source)
-    parts = [metrics[name] for name in ("val_dice", "val_auc") if name in metrics]
+        parts.append(MetricsLambda(_mean_of_defined, *(metrics[f"val_{source}_auc"] for source in sources)))
     return {"val_score": MetricsLambda(_mean_of_defined, *parts), **metrics}

@@ -59,16 +59,16 @@ class MultiTaskInferenceOperator(Operator):
 
     def compute(self, op_input, op_output, context) -> None:
         prepared = op_input.receive("prepared")
-        outputs = self.predict(self.pre_process(prepared))
+        outputs = self.predict(self.pre_process(prepared), domain=prepared.domain)
         op_output.emit(self.post_process(outputs, prepared), "prediction")
 
     def pre_process(self, data: PreparedVolume | PreparedImage, *args, **kwargs) -> torch.Tensor:
         """The ``(K, C, S, S)`` slice stack of a prepared input."""
         return torch.from_numpy(data.image)
 
-    def predict(self, data: torch.Tensor, *args, **kwargs) -> dict[str, torch.Tensor]:
-        """Both outputs of the network, ``slice_batch_size`` slices per call."""
-        return run_network(self.network, data, self.settings.slice_batch_size)
+    def predict(self, data: torch.Tensor, *args, domain: int = 0, **kwargs) -> dict[str, torch.Tensor]:
+        """Both outputs of the network, ``slice_batch_size`` slices per call, for the input's image domain."""
+        return run_network(self.network, data, self.settings.slice_batch_size, domain)
 
     def post_process(
         self, data: dict[str, torch.Tensor], prepared: PreparedVolume | PreparedImage, *args, **kwargs

@@ -52,8 +52,10 @@ class PreparedVolume:
         z: RAS z index of each of the K slices.
         loaded: The case as read (its voxel array dropped once sliced), for going back to the file's grid.
         ras_shape: Spatial shape of the volume in RAS.
+        domain: The network's image domain: slices of a volume, as the BraTS slices it trained on.
     """
 
+    domain = 0
     item: InferenceInput
     image: np.ndarray
     z: np.ndarray
@@ -69,8 +71,10 @@ class PreparedImage:
         item: The input.
         image: ``(1, C, S, S)`` float32.
         shape: ``(H, W)`` of the image file.
+        domain: The network's image domain: whole-head 2D images, as the Kaggle images it trained on.
     """
 
+    domain = 1
     item: InferenceInput
     image: np.ndarray
     shape: tuple[int, int]
@@ -131,7 +135,7 @@ def prepare(item: InferenceInput, settings: InferenceSettings) -> PreparedVolume
 
 
 def run_network(
-    network: Callable[..., dict[str, torch.Tensor]], image: np.ndarray | torch.Tensor, batch_size: int
+    network: Callable[..., dict[str, torch.Tensor]], image: np.ndarray | torch.Tensor, batch_size: int, domain: int = 0
 ) -> dict[str, torch.Tensor]:
     """Run the multi-task network over a stack of slices, ``batch_size`` at a time.
 
@@ -140,6 +144,8 @@ def run_network(
             the device it should run on.
         image: ``(K, C, S, S)`` stack.
         batch_size: Slices per call.
+        domain: The image domain (``PreparedVolume.domain`` or ``PreparedImage.domain``): it picks the encoder's
+            BatchNorm statistics.
 
     Returns:
         ``{"seg": (K, 1, S, S) logits, "cls": (K, 2) logits}`` on the CPU.
@@ -149,7 +155,7 @@ def run_network(
     seg, cls = [], []
     with torch.inference_mode():
         for start in range(0, stack.shape[0], batch_size):
-            outputs = network(stack[start : start + batch_size].to(device))
+            outputs = network(stack[start : start + batch_size].to(device), True, True, domain)
             seg.append(outputs["seg"].float().cpu())
             cls.append(outputs["cls"].float().cpu())
     return {"seg": torch.cat(seg), "cls": torch.cat(cls)}
@@ -259,4 +265,4 @@ def predict(
 ) -> Prediction:
     """Prepare, run and finish one input."""
     prepared = prepare(item, settings)
-    return finish(prepared, run_network(network, prepared.image, settings.slice_batch_size), settings)
+    return finish(prepared, run_network(network, prepared.image, settings.slice_batch_size, prepared.domain), settings)

@@ -42,7 +42,7 @@ class PrepareInputd(Transform):
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         prepared = prepare(data["input"], self.settings)
-        return {"image": torch.from_numpy(prepared.image), "prepared": prepared}
+        return {"image": torch.from_numpy(prepared.image), "prepared": prepared, "domain": prepared.domain}
 
 
 def first_item(items: list[Any]) -> Any:
@@ -63,8 +63,10 @@ class SliceBatchInferer(Inferer):
         super().__init__()
         self.batch_size = int(batch_size)
 
-    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        return run_network(network, inputs, self.batch_size)
+    def __call__(
+        self, inputs: torch.Tensor, network: Any, *args: Any, domain: int = 0, **kwargs: Any
+    ) -> dict[str, torch.Tensor]:
+        return run_network(network, inputs, self.batch_size, domain)
 
 
 def _root_cause(error: BaseException) -> BaseException:

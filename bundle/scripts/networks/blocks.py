@@ -1,31 +1,20 @@
-"""Building blocks shared by the encoder and the decoder."""
+"""Building blocks shared by the encoder and the decoder.
+
+The encoder's blocks take the ``domain`` of their batch for their normalisation layers (see ``normalization.py``);
+the decoder's use one set of statistics, as it only sees features the encoder has already normalised per domain.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-NORMS = ("batch", "instance")
+from .normalization import NORMS, normalization
+
+__all__ = ["NORMS", "DoubleConv", "DownBlock", "UpBlock"]
 
 
-def normalization(norm: str, channels: int) -> nn.Module:
-    """The normalisation layer after each convolution, with a learnt scale and shift either way.
-
-    Args:
-        norm: ``"batch"`` (the seed's BatchNorm: statistics over the batch, running averages at inference) or
-            ``"instance"`` (statistics per image and channel, as nnU-Net: nothing is shared between images, so
-            batches from different sources, such as skull-stripped FLAIR slices and whole-head JPEGs, do not
-            pull each other's statistics).
-        channels: channels to normalise.
-    """
-    if norm == "batch":
-        return nn.BatchNorm2d(channels)
-    if norm == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    raise ValueError(f"norm must be one of {NORMS}, got {norm!r}.")
-
-
-class DoubleConv(nn.Sequential):
+class DoubleConv(nn.Module):
     """Two 3x3 convolutions, each followed by normalisation and ReLU: the basic U-Net block.
 
     The convolutions carry no bias because the normalisation that follows each one has its own shift.
@@ -34,30 +23,39 @@ class DoubleConv(nn.Sequential):
         in_channels: channels of the input.
         out_channels: channels of both convolutions' outputs.
         norm: ``"batch"`` or ``"instance"`` (see :func:`normalization`).
+        num_domains: BatchNorm statistics sets, one per image domain.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
-        super().__init__(
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            normalization(norm, out_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            normalization(norm, out_channels),
-            nn.ReLU(inplace=True),
-        )
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch", num_domains: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.norm1 = normalization(norm, out_channels, num_domains)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.norm2 = normalization(norm, out_channels, num_domains)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor, domain: int = 0) -> torch.Tensor:
+        x = self.act(self.norm1(self.conv1(x), domain))
+        return self.act(self.norm2(self.conv2(x), domain))
 
 
-class DownBlock(nn.Sequential):
+class DownBlock(nn.Module):
     """Halve the resolution with a 2x2 max-pool, then a :class:`DoubleConv`.
 
     Args:
         in_channels: channels of the input.
         out_channels: channels of the output.
         norm: ``"batch"`` or ``"instance"``.
+        num_domains: BatchNorm statistics sets, one per image domain.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch") -> None:
-        super().__init__(nn.MaxPool2d(kernel_size=2), DoubleConv(in_channels, out_channels, norm))
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "batch", num_domains: int = 1) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(kernel_size=2)
+        self.conv = DoubleConv(in_channels, out_channels, norm, num_domains)
+
+    def forward(self, x: torch.Tensor, domain: int = 0) -> torch.Tensor:
+        return self.conv(self.pool(x), domain)
 
 
 class UpBlock(nn.Module):

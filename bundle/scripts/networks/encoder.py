@@ -20,9 +20,13 @@ class UNetEncoder(FreezableMixin):
         base_filters: channels of the first level; each level below doubles them.
         depth: number of 2x down-samplings; the input's height and width must be divisible by ``2**depth``.
         norm: normalisation after each convolution, ``"batch"`` (the seed's) or ``"instance"``.
+        num_domains: BatchNorm running-statistics sets, one per image domain (1: the seed's single set; see
+            ``normalization.py``).
     """
 
-    def __init__(self, in_channels: int = 1, base_filters: int = 64, depth: int = 4, norm: str = "batch") -> None:
+    def __init__(
+        self, in_channels: int = 1, base_filters: int = 64, depth: int = 4, norm: str = "batch", num_domains: int = 1
+    ) -> None:
         super().__init__()
         if in_channels < 1 or base_filters < 1 or depth < 1:
             raise ValueError(
@@ -33,19 +37,20 @@ class UNetEncoder(FreezableMixin):
         self.depth = depth
         self.size_divisor = 2**depth
         self.out_channels = [base_filters * 2**level for level in range(depth + 1)]
-        self.stem = DoubleConv(in_channels, self.out_channels[0], norm)
+        self.stem = DoubleConv(in_channels, self.out_channels[0], norm, num_domains)
         self.down = nn.ModuleList(
-            DownBlock(self.out_channels[level], self.out_channels[level + 1], norm) for level in range(depth)
+            DownBlock(self.out_channels[level], self.out_channels[level + 1], norm, num_domains)
+            for level in range(depth)
         )
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, domain: int = 0) -> list[torch.Tensor]:
         height, width = x.shape[-2], x.shape[-1]
         if height % self.size_divisor != 0 or width % self.size_divisor != 0:
             raise ValueError(
                 f"Input height and width must be divisible by 2**depth = {self.size_divisor}, "
                 f"got {height}x{width}; resize or pad the image first."
             )
-        features = [self.stem(x)]
+        features = [self.stem(x, domain)]
         for block in self.down:
-            features.append(block(features[-1]))
+            features.append(block(features[-1], domain))
         return features

@@ -18,6 +18,10 @@ class MultiTaskModel(nn.Module):
     batch never runs the decoder. The encoder's feature maps are available through :meth:`features` (exported,
     so it also works on the TorchScript module) or ``model.encoder`` itself.
 
+    ``domain`` says what kind of image the batch holds: 0 for slices of skull-stripped MRI volumes (BraTS), 1 for
+    whole-head 2D images (Kaggle). It picks the encoder's BatchNorm statistics when the encoder keeps one set per
+    domain (``num_domains=2``) and changes nothing otherwise.
+
     Args:
         encoder: the shared encoder.
         decoder: the segmentation decoder, built for the same ``base_filters`` and ``depth``.
@@ -30,8 +34,10 @@ class MultiTaskModel(nn.Module):
         self.decoder = decoder
         self.cls_head = cls_head
 
-    def forward(self, x: torch.Tensor, do_seg: bool = True, do_cls: bool = True) -> dict[str, torch.Tensor]:
-        features = self.encoder(x)
+    def forward(
+        self, x: torch.Tensor, do_seg: bool = True, do_cls: bool = True, domain: int = 0
+    ) -> dict[str, torch.Tensor]:
+        features = self.encoder(x, domain)
         outputs: dict[str, torch.Tensor] = {}
         if do_seg:
             outputs["seg"] = self.decoder(features)
@@ -40,9 +46,9 @@ class MultiTaskModel(nn.Module):
         return outputs
 
     @torch.jit.export
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def features(self, x: torch.Tensor, domain: int = 0) -> list[torch.Tensor]:
         """The encoder's feature maps ``[x0, x1, ..., bottleneck]`` for ``x``."""
-        return self.encoder(x)
+        return self.encoder(x, domain)
 
     def freeze_encoder(self) -> None:
         self.encoder.freeze()
@@ -79,8 +85,8 @@ class SegmentationUNet(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+    def forward(self, x: torch.Tensor, domain: int = 0) -> torch.Tensor:
+        return self.decoder(self.encoder(x, domain))
 
 
 def create_multi_task_model(
@@ -92,6 +98,8 @@ def create_multi_task_model(
     cls_hidden_dim: int = 256,
     cls_dropout: float = 0.3,
     norm: str = "batch",
+    num_domains: int = 1,
+    cls_pooling: str = "avg",
 ) -> MultiTaskModel:
     """Build the multi-task U-Net.
 
@@ -104,22 +112,32 @@ def create_multi_task_model(
         cls_hidden_dim: hidden width of the classification head.
         cls_dropout: dropout of the classification head.
         norm: normalisation in the encoder and decoder: ``"batch"`` (the seed's) or ``"instance"``.
+        num_domains: the encoder's BatchNorm running-statistics sets: 1 (the seed's) or 2, one for volume slices
+            and one for whole-head 2D images, selected by ``forward``'s ``domain``. Parameters are the same either
+            way.
+        cls_pooling: the classification head's global pooling, ``"avg"`` (the seed's) or ``"avgmax"``.
     """
-    encoder = UNetEncoder(in_channels=in_channels, base_filters=base_filters, depth=depth, norm=norm)
-    decoder = UNetDecoder(base_filters=base_filters, depth=depth, out_channels=seg_out_channels, norm=norm)
+    encoder = UNetEncoder(in_channels, base_filters, depth, norm, num_domains)
+    decoder = UNetDecoder(base_filters, depth, seg_out_channels, norm)
     cls_head = ClassificationHead(
         in_channels=encoder.out_channels[-1],
         num_classes=cls_num_classes,
         hidden_dim=cls_hidden_dim,
         dropout=cls_dropout,
+        pooling=cls_pooling,
     )
     return MultiTaskModel(encoder, decoder, cls_head)
 
 
 def create_segmentation_unet(
-    in_channels: int = 1, seg_out_channels: int = 1, base_filters: int = 64, depth: int = 4, norm: str = "batch"
+    in_channels: int = 1,
+    seg_out_channels: int = 1,
+    base_filters: int = 64,
+    depth: int = 4,
+    norm: str = "batch",
+    num_domains: int = 1,
 ) -> SegmentationUNet:
     """Build the segmentation-only U-Net with the same encoder and decoder as :func:`create_multi_task_model`."""
-    encoder = UNetEncoder(in_channels=in_channels, base_filters=base_filters, depth=depth, norm=norm)
-    decoder = UNetDecoder(base_filters=base_filters, depth=depth, out_channels=seg_out_channels, norm=norm)
+    encoder = UNetEncoder(in_channels, base_filters, depth, norm, num_domains)
+    decoder = UNetDecoder(base_filters, depth, seg_out_channels, norm)
     return SegmentationUNet(encoder, decoder)

@@ -1,0 +1,54 @@
+"""The validation metrics that select each stage's best checkpoint."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from ignite.engine import Engine
+from sklearn.metrics import roc_auc_score
+
+from scripts.metrics import validation_metrics
+
+
+def _batch(source: str, probs: list[float], targets: list[int], dice_perfect: bool | None = None) -> dict:
+    out = {"source": [source] * len(probs), "cls_prob": torch.tensor(probs), "cls": torch.tensor(targets)}
+    if dice_perfect is not None:
+        label = torch.zeros(len(probs), 1, 4, 4)
+        label[:, :, :2] = 1
+        out["label"] = label
+        out["seg_prob"] = label.clone() if dice_perfect else 1 - label
+    return out
+
+
+def _run(tasks: list[str], batches: list[dict]) -> dict[str, float]:
+    engine = Engine(lambda engine, batch: batch)
+    for name, metric in validation_metrics(tasks).items():
+        metric.attach(engine, name)
+    return engine.run(batches, max_epochs=1).metrics
+
+
+def test_the_classification_score_is_the_mean_of_the_sources_aucs_not_the_pooled_auc() -> None:
+    brats = ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])  # separable
+    kaggle = ([0.6, 0.7, 0.65, 0.75], [0, 1, 1, 0])  # poor, and higher than every BraTS probability
+    metrics = _run(["cls"], [_batch("brats", *brats), _batch("kaggle", *kaggle)])
+    assert metrics["val_brats_auc"] == pytest.approx(roc_auc_score(brats[1], brats[0]))
+    assert metrics["val_kaggle_auc"] == pytest.approx(roc_auc_score(kaggle[1], kaggle[0]))
+    assert metrics["val_auc"] == pytest.approx(roc_auc_score(brats[1] + kaggle[1], brats[0] + kaggle[0]))
+    assert metrics["val_score"] == pytest.approx((metrics["val_brats_auc"] + metrics["val_kaggle_auc"]) / 2)
+    assert metrics["val_score"] != pytest.approx(metrics["val_auc"])
+
+
+def test_a_joint_stage_scores_the_mean_of_dice_and_classification() -> None:
+    metrics = _run(["seg", "cls"], [_batch("brats", [0.1, 0.9], [0, 1], dice_perfect=True),
+                                    _batch("kaggle", [0.2, 0.4, 0.6], [0, 1, 0])])  # fmt: skip
+    assert metrics["val_dice"] == pytest.approx(1.0)
+    classification = (1.0 + roc_auc_score([0, 1, 0], [0.2, 0.4, 0.6])) / 2
+    assert metrics["val_score"] == pytest.approx((1.0 + classification) / 2)
+
+
+def test_a_source_without_both_classes_is_left_out_of_the_score() -> None:
+    metrics = _run(["cls"], [_batch("brats", [0.1, 0.9], [0, 1]), _batch("kaggle", [0.3, 0.4], [1, 1])])
+    assert math.isnan(metrics["val_kaggle_auc"])
+    assert metrics["val_score"] == pytest.approx(metrics["val_brats_auc"]) == pytest.approx(1.0)
