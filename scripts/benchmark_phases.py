@@ -380,12 +380,19 @@ def measure_training_memory(spec: Spec) -> dict[str, Any]:
 
 
 class OnnxNetwork:
-    """An ONNX Runtime session called like the multi-task network: ``f(x) -> {"seg": ..., "cls": ...}``."""
+    """An ONNX Runtime session called like the multi-task network: ``f(x) -> {"seg": ..., "cls": ...}``.
+
+    The graph is exported for volume slices (both outputs, domain 0): other arguments are refused.
+    """
 
     def __init__(self, session: Any) -> None:
         self.session = session
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, x: torch.Tensor, do_seg: bool = True, do_cls: bool = True, domain: int = 0
+    ) -> dict[str, torch.Tensor]:
+        if not (do_seg and do_cls and domain == 0):
+            raise ValueError("the ONNX graph computes both outputs of volume slices (domain 0) only")
         seg, cls = self.session.run(None, {"image": x.detach().cpu().numpy()})
         return {"seg": torch.from_numpy(seg), "cls": torch.from_numpy(cls)}
 
@@ -396,8 +403,8 @@ class OnDevice:
     def __init__(self, module: Callable, device: torch.device) -> None:
         self.module, self.device = module, device
 
-    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.module(x.to(self.device))
+    def __call__(self, x: torch.Tensor, *args: Any) -> dict[str, torch.Tensor]:
+        return self.module(x.to(self.device), *args)
 
 
 class TupleOutputs(torch.nn.Module):
