@@ -14,7 +14,7 @@ import torch
 from monai.data import MetaTensor
 from torch import nn
 
-from .networks.normalization import DOMAINS, is_batch_norm
+from .networks.normalization import DOMAINS, DomainBatchNorm2d, is_batch_norm
 
 # Metadata that travels with a batch into the evaluator's output, for per-patient evaluation.
 PASSTHROUGH_KEYS = ("source", "patient", "slice", "group", "cls4")
@@ -182,7 +182,7 @@ def estimate_domain_statistics(network: nn.Module, loader: Any, source: str = "k
         source: the data source, a key of ``DOMAINS``.
     """
     domain = DOMAINS[source]
-    layers = [m for m in network.encoder.modules() if is_batch_norm(m) and getattr(m, "num_domains", 1) > domain]
+    layers = [m for m in network.encoder.modules() if isinstance(m, DomainBatchNorm2d) and m.num_domains > domain]
     if not layers or not loader:
         return network
     modes = [layer.training for layer in layers]
@@ -191,11 +191,10 @@ def estimate_domain_statistics(network: nn.Module, loader: Any, source: str = "k
     with torch.no_grad():
         for layer in layers:
             layer.train()
-            layer.running_mean[domain].zero_()
-            layer.running_var[domain].fill_(1.0)
         for count, batch in enumerate(loader):
             for layer in layers:
-                layer.momentum = 1.0 / (count + 1)  # a running mean over the batches: each weighs the same
+                # A running mean over the batches, each weighing the same; the first (weight 1) replaces the old.
+                layer.momentum = 1.0 / (count + 1)
             network.encoder(plain_tensor(batch["image"], device), domain)
     for layer, mode, momentum in zip(layers, modes, momenta, strict=True):
         layer.train(mode)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .normalization import NORMS, normalization
-
-__all__ = ["NORMS", "DoubleConv", "DownBlock", "UpBlock"]
+from .normalization import normalization
 
 
 class DoubleConv(nn.Module):
