@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,19 +191,37 @@ def generated_data(work_dir: Path, image_size: int) -> tuple[Path, Path]:
 # Child processes
 
 
-def run_phase(name: str, spec: phases.Spec, work_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one phase in a child process and return its figures."""
-    spec_path, result_path = work_dir / f"{name}.spec.json", work_dir / f"{name}.result.json"
+def phase_command(name: str, spec: phases.Spec, work_dir: Path, tag: str = "") -> tuple[list[str], Path, Path]:
+    """The child process that runs one phase: its command line, log file and result file."""
+    stem = work_dir / f"{name}{tag}"
+    spec_path, result_path = stem.with_suffix(".spec.json"), stem.with_suffix(".result.json")
     spec_path.write_text(json.dumps(dataclasses.asdict(spec)))
     result_path.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--spec", str(spec_path),
                "--result", str(result_path)]  # fmt: skip
+    return command, stem.with_suffix(".log"), result_path
+
+
+def run_phase(name: str, spec: phases.Spec, work_dir: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one phase in a child process and return its figures."""
+    command, log, result_path = phase_command(name, spec, work_dir)
     print(f"  {name} ...", flush=True)
     start = time.perf_counter()
-    run_logged(command, work_dir / f"{name}.log", env=env)
+    run_logged(command, log, env=env)
     result = json.loads(result_path.read_text())
     result["phase_wall_s"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def run_phases_together(
+    name: str, spec: phases.Spec, work_dir: Path, env: dict[str, str], count: int
+) -> list[dict[str, Any]]:
+    """Run ``count`` copies of one phase at the same time, each in its own child process; their figures."""
+    children = [phase_command(name, spec, work_dir, tag=f"_{index}") for index in range(count)]
+    print(f"  {name} x{count} side by side ...", flush=True)
+    with ThreadPoolExecutor(count) as pool:
+        list(pool.map(lambda child: run_logged(child[0], child[1], env=env), children))
+    return [json.loads(result_path.read_text()) for _, _, result_path in children]
 
 
 def child_main(args: argparse.Namespace) -> int:
@@ -214,16 +233,24 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 def thread_study(spec: phases.Spec, work_dir: Path) -> dict[str, Any]:
-    """The multi-task step under each OpenMP wait policy, child processes alternating between the policies.
+    """The multi-task step under each OpenMP wait policy, and with one thread alone and side by side.
 
-    The policy is read when the OpenMP runtime starts (``import torch``), so it cannot change inside a process.
+    The policy and the thread count are read when the OpenMP runtime starts (``import torch``), so they cannot
+    change inside a process: each setting gets its own child processes, alternating. "Side by side" runs two
+    one-thread processes at once, as ``scripts/demo.sh`` trains the baselines beside the pipeline; their images/s
+    add up.
     """
-    runs: dict[str, list[float]] = {policy: [] for policy in THREAD_POLICIES}
     short = dataclasses.replace(spec, rounds=2)
+    runs: dict[str, list[float]] = {policy: [] for policy in (*THREAD_POLICIES, "ONE_THREAD", "SIDE_BY_SIDE")}
+    all_threads = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    one_thread = {**all_threads, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     for _ in range(2):
         for policy in THREAD_POLICIES:
-            env = {**os.environ, "OMP_WAIT_POLICY": policy}
+            env = {**all_threads, "OMP_WAIT_POLICY": policy}
             runs[policy] += run_phase("step", short, work_dir, env=env)["images_per_s_rounds"]
+        runs["ONE_THREAD"] += run_phase("step", short, work_dir, env=one_thread)["images_per_s_rounds"]
+        pair = run_phases_together("step", short, work_dir, env=one_thread, count=2)
+        runs["SIDE_BY_SIDE"] += [sum(rates) for rates in zip(*(r["images_per_s_rounds"] for r in pair), strict=True)]
     return {f"{policy.lower()}_images_per_s_rounds": values for policy, values in runs.items()}
 
 
@@ -311,12 +338,16 @@ def inference_figures(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def thread_figures(raw: dict[str, Any]) -> dict[str, Any]:
-    """Images/s of the multi-task step under each OpenMP wait policy."""
-    ips = {policy.lower(): phases.median(raw[f"{policy.lower()}_images_per_s_rounds"]) for policy in THREAD_POLICIES}
+    """Images/s of the multi-task step under each OpenMP wait policy, with one thread, and two processes at once."""
+    ips = {key[: -len("_images_per_s_rounds")]: phases.median(values) for key, values in raw.items()}
     return {
         "active_images_per_s": ips["active"],
         "passive_images_per_s": ips["passive"],
         "passive_images_per_s_over_active_images_per_s": ratio(ips["passive"], ips["active"]),
+        "one_thread_images_per_s": ips["one_thread"],
+        "one_thread_images_per_s_over_passive_images_per_s": ratio(ips["one_thread"], ips["passive"]),
+        "side_by_side_images_per_s": ips["side_by_side"],
+        "side_by_side_images_per_s_over_passive_images_per_s": ratio(ips["side_by_side"], ips["passive"]),
         "rounds": raw,
     }
 
@@ -412,6 +443,13 @@ def table(result: dict[str, Any]) -> str:
             ("OpenMP wait policy PASSIVE / ACTIVE", f"{threads['passive_images_per_s_over_active_images_per_s']:.2f}",
              f"{threads['passive_images_per_s']:.1f} vs {threads['active_images_per_s']:.1f} img/s")
         )  # fmt: skip
+        rows += [
+            ("one thread / all (PASSIVE)", f"{threads['one_thread_images_per_s_over_passive_images_per_s']:.2f}",
+             f"{threads['one_thread_images_per_s']:.1f} img/s"),
+            ("two one-thread processes / one with all",
+             f"{threads['side_by_side_images_per_s_over_passive_images_per_s']:.2f}",
+             f"{threads['side_by_side_images_per_s']:.1f} img/s together"),
+        ]  # fmt: skip
     for name, met in result["targets"].items():
         rows.append((f"target: {name}", str(met), ""))
     rows += [("note", "", note) for note in inference["notes"]]

@@ -5,12 +5,15 @@ No timing thresholds: the figures depend on the machine and its load; only their
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-from conftest import TINY_SIZE, run_cli
+from conftest import REPO_ROOT, TINY_SIZE, run_cli
 
 BACKENDS = ("eager", "eager_channels_last", "torchscript", "torchscript_frozen")
 
@@ -83,3 +86,36 @@ def test_memory_machine_and_targets(figures: dict) -> None:
         "real_loading_at_least_0.95_of_compute_only",
         "scripted_or_onnx_not_slower_than_eager",
     } <= set(figures["targets"])
+
+
+def _benchmark_module() -> ModuleType:
+    """scripts/benchmark.py as a module (scripts/ is not a package: the bundle's package owns that name)."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    try:
+        spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "scripts" / "benchmark.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO_ROOT / "scripts"))
+    return module
+
+
+def test_two_one_thread_processes_side_by_side(figures: dict, tmp_path: Path) -> None:
+    # Part of the thread study, on the tiny spec of the fixture's run: two "step" children at once, one thread
+    # each, as scripts/demo.sh trains the baselines beside the pipeline.
+    benchmark = _benchmark_module()
+    settings = {key: value for key, value in figures["settings"].items() if key != "image_size"}
+    spec = benchmark.phases.Spec(**{**settings, "rounds": 2})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    results = benchmark.run_phases_together("step", spec, tmp_path, env=env, count=2)
+    assert [result["torch_threads"] for result in results] == [1, 1]
+    assert all(len(r["images_per_s_rounds"]) == 2 and min(r["images_per_s_rounds"]) > 0 for r in results)
+    assert sorted(path.name for path in tmp_path.glob("*.log")) == ["step_0.log", "step_1.log"]
+    figures = benchmark.thread_figures(
+        {f"{name}_images_per_s_rounds": [2.0, 4.0] for name in ("active", "passive", "one_thread")}
+        | {"side_by_side_images_per_s_rounds": [sum(r["images_per_s_rounds"]) / 2 for r in results]}
+    )
+    assert figures["one_thread_images_per_s_over_passive_images_per_s"] == pytest.approx(1.0)
+    assert figures["side_by_side_images_per_s_over_passive_images_per_s"] == pytest.approx(
+        figures["side_by_side_images_per_s"] / 3.0
+    )
