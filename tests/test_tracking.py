@@ -218,6 +218,36 @@ def _stage_one(data: Path, ckpt_dir: Path, uri: str, epochs: int = 1) -> list[st
             *TINY_OVERRIDES, "--epochs#1", str(epochs)]  # fmt: skip
 
 
+_OPEN_NEW_STORE = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from scripts.tracking import TrackingClient
+while not Path(sys.argv[3]).exists():  # start together
+    time.sleep(0.01)
+client = TrackingClient(sys.argv[2], "brain_tumour_multitask")
+assert client.experiment_id() is not None, client.error
+"""
+
+
+def test_processes_that_open_a_new_sqlite_store_at_once_all_get_it(tmp_path: Path) -> None:
+    # scripts/demo.sh starts the baselines beside the pipeline: their first MLflow clients meet on a store whose
+    # tables do not exist yet; unserialised, two of them run MLflow's migrations and one fails.
+    uri = "sqlite:///" + str(tmp_path / "mlruns" / "mlflow.db")
+    go = tmp_path / "go"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    processes = [
+        subprocess.Popen([sys.executable, "-c", _OPEN_NEW_STORE, str(REPO_ROOT / "bundle"), uri, str(go)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for _ in range(4)
+    ]  # fmt: skip
+    time.sleep(8)  # let every process import MLflow and wait at the start line
+    go.touch()
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0] * 4, "\n".join(outputs)
+    assert len(MlflowClient(tracking_uri=uri).search_experiments(filter_string="name = 'brain_tumour_multitask'")) == 1
+
+
 def test_a_server_tracks_a_stage_and_a_rerun_never_merges(prepared_small: Path, tmp_path: Path) -> None:
     with mlflow_server("sqlite:///" + str(tmp_path / "server.db"), tmp_path / "artifacts") as url:
         bundle_run([TRAIN, "configs/demo.yaml"], *_stage_one(prepared_small, tmp_path / "models", url))

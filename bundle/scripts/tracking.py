@@ -19,9 +19,17 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # POSIX only: on Windows the first use of a new store is not serialised
+    fcntl = None
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +65,25 @@ def artifact_location(tracking_uri: str) -> str | None:
     if tracking_uri.startswith("sqlite:///"):
         return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
     return None
+
+
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client; a new local sqlite store gets its tables from one process at a time.
+
+    MLflow creates a new sqlite database's tables when the first client opens it. Two processes doing that at once
+    (``scripts/demo.sh`` trains the baselines beside the multi-task pipeline) both run the migrations and one fails
+    ("duplicate column name"). An exclusive lock on a file beside the database lets the first create them while the
+    others wait, then find them there.
+    """
+    from mlflow.tracking import MlflowClient
+
+    if not tracking_uri.startswith("sqlite:///") or fcntl is None:
+        return MlflowClient(tracking_uri=tracking_uri)
+    database = Path(tracking_uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.parent / f"{database.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        return MlflowClient(tracking_uri=tracking_uri)
 
 
 def check_tracking(tracking_uri: str, timeout: float = 5.0) -> None:
@@ -186,11 +213,9 @@ class TrackingClient:
     """
 
     def __init__(self, tracking_uri: str, experiment_name: str) -> None:
-        from mlflow.tracking import MlflowClient
-
         self.tracking_uri = tracking_uri
         self.experiment_name = experiment_name
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = mlflow_client(tracking_uri)
         self.error: str | None = None
         self._experiment_id: str | None = None
 
