@@ -32,9 +32,8 @@ step "preparing slices in $PREPARED"
 "$PY" scripts/prepare_data.py --brats "$SYNTHETIC/brats" --kaggle "$SYNTHETIC/kaggle" --out "$PREPARED" --size "$SIZE" \
     --split 0.6 0.15 0.25
 
-# The two baselines train beside the multi-task pipeline: at the demo's size a second thread speeds a training
-# process up by less than 10%, so two single-threaded processes on 2 cores do nearly twice the work
-# (docs/performance.md). Each process gets half the cores.
+# The two baselines train beside the multi-task pipeline: at the demo's size two one-thread processes on 2 cores do
+# 1.9x the work of one process with both threads (docs/performance.md). Each process gets half the cores.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( ($(nproc) + 1) / 2 ))}"
 LOGS=bundle/logs
 mkdir -p "$LOGS"
