@@ -5,7 +5,7 @@ No timing thresholds: the figures depend on the machine and its load; only their
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import sys
@@ -92,12 +92,9 @@ def _benchmark_module() -> ModuleType:
     """scripts/benchmark.py as a module (scripts/ is not a package: the bundle's package owns that name)."""
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     try:
-        spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "scripts" / "benchmark.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        return importlib.import_module("benchmark")
     finally:
         sys.path.remove(str(REPO_ROOT / "scripts"))
-    return module
 
 
 def test_two_one_thread_processes_side_by_side(figures: dict, tmp_path: Path) -> None:
