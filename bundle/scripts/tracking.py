@@ -45,6 +45,7 @@ for _name, _value in {
 
 PARENT_TAG = "mlflow.parentRunId"
 RUN_FILE = "mlflow_run.json"
+SQLITE_PREFIX = "sqlite:///"  # a local store: sqlite:////absolute/path/mlflow.db
 MAX_PARAM_LENGTH = 500  # MLflow accepts more on recent servers, 500 on older ones (MONAI issue 7601)
 
 
@@ -57,14 +58,18 @@ def default_tracking_uri(bundle_root: str | os.PathLike) -> str:
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return "sqlite:///" + str(Path(bundle_root).resolve() / "mlruns" / "mlflow.db")
+    return SQLITE_PREFIX + str(Path(bundle_root).resolve() / "mlruns" / "mlflow.db")
+
+
+def sqlite_database(tracking_uri: str) -> Path | None:
+    """The database file of a local sqlite store, or None for any other store."""
+    return Path(tracking_uri[len(SQLITE_PREFIX) :]) if tracking_uri.startswith(SQLITE_PREFIX) else None
 
 
 def artifact_location(tracking_uri: str) -> str | None:
     """For a local sqlite store, artifacts go in ``artifacts/`` beside the database; a server decides its own."""
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
-    return None
+    database = sqlite_database(tracking_uri)
+    return (database.parent / "artifacts").resolve().as_uri() if database is not None else None
 
 
 def mlflow_client(tracking_uri: str) -> MlflowClient:
@@ -77,9 +82,9 @@ def mlflow_client(tracking_uri: str) -> MlflowClient:
     """
     from mlflow.tracking import MlflowClient
 
-    if not tracking_uri.startswith("sqlite:///") or fcntl is None:
+    database = sqlite_database(tracking_uri)
+    if database is None or fcntl is None:
         return MlflowClient(tracking_uri=tracking_uri)
-    database = Path(tracking_uri[len("sqlite:///") :])
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.parent / f"{database.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
@@ -107,8 +112,9 @@ def check_tracking(tracking_uri: str, timeout: float = 5.0) -> None:
             "--tracking_uri (or MLFLOW_TRACKING_URI) at a running one, or train without tracking: "
             "--mlflow_tracking false."
         )
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    database = sqlite_database(tracking_uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     elif tracking_uri.startswith("file:") or "://" not in tracking_uri:
         raise TrackingUnavailableError(
             f"Tracking URI {tracking_uri!r} is a file store, which MLflow 3 no longer supports: use "
