@@ -5,11 +5,11 @@ Run locally, without containers, in the application's own environment (``deploy/
     .venv-deploy/bin/python deploy/app.py -i INPUT -o OUTPUT -m bundle/models/model.ts
 
 INPUT is a NIfTI volume, a 2D image or a folder of them (BraTS / MSD case folders too); OUTPUT receives, per
-volume, ``<name>_seg.nii.gz`` (uint8 0/1 with the input's shape, affine and header) and ``<name>.json`` (tumour
-probability and class per slice and for the volume, tumour volume in ml), per image ``<name>_mask.png`` and
-``<name>.json``. The environment variables HOLOSCAN_INPUT_PATH, HOLOSCAN_OUTPUT_PATH and HOLOSCAN_MODEL_PATH
-replace the options, as in a packaged MAP. Every input is checked before the first prediction, and outputs appear
-all together or not at all.
+volume, ``<name>_pred_wt.nii.gz`` (uint8 0/1 with the input's shape, affine and header) and ``<name>_pred.json``
+(tumour probability and class per slice and for the volume, tumour volume in ml), per image ``<name>_pred_wt.png``
+and ``<name>_pred.json``; OUTPUT must lie outside INPUT's tree. The environment variables HOLOSCAN_INPUT_PATH,
+HOLOSCAN_OUTPUT_PATH and HOLOSCAN_MODEL_PATH replace the options, as in a packaged MAP. Every input is checked
+before the first prediction, and outputs appear all together or not at all.
 
 The preprocessing and post-processing are the bundle's own (``bundle/scripts/inference`` and
 ``bundle/scripts/data``), imported from the bundle rather than copied, so that this application's masks equal

@@ -103,16 +103,16 @@ def bundle_outputs(model: TinyModel, volumes: Path, tmp_path_factory: pytest.Tem
 def _assert_same_outputs(app_output: Path, bundle_output: Path, names: list[str], inputs: dict[str, Path]) -> None:
     for name in names:
         app_mask, bundle_mask = (
-            nib.load(app_output / f"{name}_seg.nii.gz"),
-            nib.load(bundle_output / f"{name}_seg.nii.gz"),
+            nib.load(app_output / f"{name}_pred_wt.nii.gz"),
+            nib.load(bundle_output / f"{name}_pred_wt.nii.gz"),
         )
         source = nib.load(inputs[name])
         assert app_mask.shape == source.shape and np.array_equal(app_mask.affine, source.affine)
         assert app_mask.get_data_dtype() == np.uint8
         app_voxels = np.asanyarray(app_mask.dataobj)
         assert np.array_equal(app_voxels, np.asanyarray(bundle_mask.dataobj)) and app_voxels.any()
-        app_report = json.loads((app_output / f"{name}.json").read_text())
-        bundle_report = json.loads((bundle_output / f"{name}.json").read_text())
+        app_report = json.loads((app_output / f"{name}_pred.json").read_text())
+        bundle_report = json.loads((bundle_output / f"{name}_pred.json").read_text())
         assert app_report["volume"] == bundle_report["volume"] and app_report["slices"] == bundle_report["slices"]
         assert 0.0 <= app_report["volume"]["max_tumour_probability"] <= 1.0
 
@@ -126,13 +126,13 @@ def test_the_app_writes_what_the_bundle_command_writes(
     _check(result)
     names = [CASE, "flipped"]
     assert sorted(p.name for p in output.iterdir()) == sorted(
-        f"{n}{s}" for n in names for s in ("_seg.nii.gz", ".json")
+        f"{n}{s}" for n in names for s in ("_pred_wt.nii.gz", "_pred.json")
     )
     inputs = {CASE: volumes / CASE / f"{CASE}_flair.nii.gz", "flipped": volumes / "flipped.nii.gz"}
     _assert_same_outputs(output, bundle_outputs, names, inputs)
     # Stored upside down: per-slice entries follow the file's slice order, not RAS.
-    flipped = json.loads((output / "flipped.json").read_text())
-    mask = np.asanyarray(nib.load(output / "flipped_seg.nii.gz").dataobj)
+    flipped = json.loads((output / "flipped_pred.json").read_text())
+    mask = np.asanyarray(nib.load(output / "flipped_pred_wt.nii.gz").dataobj)
     assert flipped["axial_axis"] == 2
     assert [s["mask_voxels"] for s in flipped["slices"]] == mask.sum(axis=(0, 1)).tolist()
     # The comparison docs/inference.md gives users says the same, and notices a changed voxel.
@@ -140,7 +140,8 @@ def test_the_app_writes_what_the_bundle_command_writes(
     changed = tmp_path / "changed"
     shutil.copytree(output, changed)
     mask[0, 0, 0] = 1 - mask[0, 0, 0]
-    nib.save(nib.Nifti1Image(mask, nib.load(output / "flipped_seg.nii.gz").affine), changed / "flipped_seg.nii.gz")
+    flipped_mask = "flipped_pred_wt.nii.gz"
+    nib.save(nib.Nifti1Image(mask, nib.load(output / flipped_mask).affine), changed / flipped_mask)
     assert compare_outputs(changed, bundle_outputs) == (2, [f"the masks of {volumes / 'flipped.nii.gz'} differ"])
 
 
@@ -165,7 +166,7 @@ def test_the_packaged_layout_runs_from_a_model_folder_and_the_holoscan_variables
         "HOLOSCAN_MODEL_PATH": str(tmp_path / "models"),
     }
     _check(run_app(deploy_python, stage, env=variables))
-    assert sorted(p.name for p in output.iterdir()) == ["flipped.json", "flipped_seg.nii.gz"]
+    assert sorted(p.name for p in output.iterdir()) == ["flipped_pred.json", "flipped_pred_wt.nii.gz"]
     _assert_same_outputs(output, bundle_outputs, ["flipped"], {"flipped": volumes / "flipped.nii.gz"})
 
 
@@ -191,3 +192,14 @@ def test_the_app_refuses_bad_input_naming_the_file_and_writes_nothing(
     assert result.returncode != 0
     assert f"{zeros}: the volume is empty" in result.stdout + result.stderr
     assert not output.exists() or not any(output.rglob("*"))
+    # Predictions written into a case folder would sit beside (and could replace) its ground truth.
+    zeros.unlink()
+    seg = folder / CASE / f"{CASE}_seg.nii.gz"
+    before = seg.read_bytes()
+    result = run_app(deploy_python, REPO_ROOT / "deploy" / "app.py", "-i", str(folder), "-o", str(folder / CASE), "-m",
+                     str(model.torchscript))  # fmt: skip
+    assert result.returncode != 0
+    assert f"the output folder {folder / CASE} is inside the input folder's tree" in result.stdout + result.stderr
+    assert seg.read_bytes() == before and sorted(p.name for p in (folder / CASE).iterdir()) == sorted(
+        p.name for p in (volumes / CASE).iterdir()
+    )

@@ -42,3 +42,82 @@ def test_new_domain_statistics_are_the_mean_of_its_batches_and_nothing_else_move
                for n, m in model.encoder.named_modules() if isinstance(m, DomainBatchNorm2d))  # fmt: skip
     assert not any(m.training for m in model.encoder.modules()), "the frozen encoder went back to eval mode"
     assert all(m.momentum == 0.1 for m in model.encoder.modules() if isinstance(m, DomainBatchNorm2d))
+
+
+def _joint_trainer(model: torch.nn.Module, batches: list[dict], kaggle_batches: list[dict], cls_weight: float):
+    """The stage-3 training step as train.yaml builds it: MONAI's SupervisedTrainer with the bundle's
+    prepare_batch, loss and alternating loader, the loader's cycle accumulated into one optimizer step."""
+    from monai.engines import SupervisedTrainer
+    from monai.losses import DiceFocalLoss
+
+    from scripts.engines import MultiTaskBatch
+    from scripts.loaders import AlternatingLoader, batches_per_step
+    from scripts.losses import MultiTaskLoss, classification_loss
+
+    loader = AlternatingLoader(batches, kaggle_batches, kaggle_steps=len(kaggle_batches) // len(batches))
+    steps = batches_per_step(loader)
+    loss = MultiTaskLoss(DiceFocalLoss(sigmoid=True), classification_loss("focal"), cls_weight, steps)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=model, optimizer=optimizer,
+        loss_function=loss, prepare_batch=MultiTaskBatch(("seg", "cls")), accumulation_steps=steps, decollate=False,
+    )  # fmt: skip
+    return trainer, optimizer, loss
+
+
+def _tiny_batches(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    generator = torch.Generator().manual_seed(seed)
+    brats = [
+        {"image": torch.randn(4, 1, 16, 16, generator=generator), "source": ["brats"] * 4,
+         "label": (torch.rand(4, 1, 16, 16, generator=generator) > 0.7).float(), "cls": torch.tensor([1, 0, 1, 0])}
+    ]  # fmt: skip
+    kaggle = [
+        {"image": torch.randn(6, 1, 16, 16, generator=generator) + 2, "source": ["kaggle"] * 6,
+         "cls": torch.tensor([1, 1, 0, 0, 1, 0])}
+        for _ in range(3)
+    ]  # fmt: skip
+    return brats, kaggle
+
+
+def _encoder_gradient_at_the_update(brats: list[dict], kaggle: list[dict], cls_weight: float = 2.0):
+    torch.manual_seed(0)
+    model = create_multi_task_model(base_filters=4, depth=2, num_domains=2, cls_dropout=0.0)
+    trainer, optimizer, _ = _joint_trainer(model, brats, kaggle, cls_weight)
+    gradients: list[torch.Tensor] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: gradients.append(torch.cat([p.grad.flatten() for p in model.encoder.parameters()]))
+    )
+    trainer.run()
+    return gradients
+
+
+def test_one_joint_step_is_one_update_whose_encoder_gradient_holds_the_segmentation_term() -> None:
+    brats, kaggle = _tiny_batches()
+    gradients = _encoder_gradient_at_the_update(brats, kaggle)
+    assert len(gradients) == 1, "a BraTS batch and its three Kaggle batches make exactly one optimizer update"
+    # Only the BraTS batch's mask changes: the update of the shared encoder changes with it.
+    flipped = [{**brats[0], "label": 1 - brats[0]["label"]}]
+    (changed,) = _encoder_gradient_at_the_update(flipped, kaggle)
+    assert not torch.allclose(gradients[0], changed)
+
+
+def test_the_accumulated_update_is_the_gradient_of_the_designs_loss() -> None:
+    # L = L_seg + lambda * L_cls, with L_cls the mean classification loss of the step's four batches, computed by
+    # hand in one graph, against what the trainer accumulated.
+    from monai.losses import DiceFocalLoss
+
+    from scripts.losses import classification_loss
+
+    brats, kaggle = _tiny_batches(1)
+    cls_weight = 2.0
+    (accumulated,) = _encoder_gradient_at_the_update(brats, kaggle, cls_weight)
+    torch.manual_seed(0)
+    model = create_multi_task_model(base_filters=4, depth=2, num_domains=2, cls_dropout=0.0).train()
+    seg_loss, cls_loss = DiceFocalLoss(sigmoid=True), classification_loss("focal")
+    out = model(brats[0]["image"], domain=0)
+    cls_terms = [cls_loss(out["cls"], brats[0]["cls"])]
+    cls_terms += [cls_loss(model(b["image"], do_seg=False, domain=1)["cls"], b["cls"]) for b in kaggle]
+    total = seg_loss(out["seg"], brats[0]["label"]) + cls_weight * torch.stack(cls_terms).mean()
+    total.backward()
+    expected = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+    torch.testing.assert_close(accumulated, expected, rtol=1e-4, atol=1e-6)

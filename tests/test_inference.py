@@ -6,6 +6,7 @@ outputs are checked against the input files' grids and against the network calle
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -114,15 +115,15 @@ def test_the_training_presets_layer_over_the_inference_config(presets: list[str]
 
 
 def test_every_input_gets_its_outputs_and_strays_are_skipped(outputs: Path) -> None:
-    volumes = [f"{name}{suffix}" for name in (CASE, PERMUTED) for suffix in ("_seg.nii.gz", ".json")]
-    images = [f"{name}{suffix}" for name in ("kaggle", "narrow") for suffix in ("_mask.png", ".json")]
+    volumes = [f"{name}{suffix}" for name in (CASE, PERMUTED) for suffix in ("_pred_wt.nii.gz", "_pred.json")]
+    images = [f"{name}{suffix}" for name in ("kaggle", "narrow") for suffix in ("_pred_wt.png", "_pred.json")]
     assert sorted(p.name for p in outputs.iterdir()) == sorted(volumes + images)
 
 
 @pytest.mark.parametrize("name", [CASE, PERMUTED])
 def test_volume_masks_overlay_their_input(name: str, inputs: Path, outputs: Path) -> None:
     source = nib.load(inputs / CASE / f"{CASE}_flair.nii.gz" if name == CASE else inputs / f"{name}.nii.gz")
-    mask = nib.load(outputs / f"{name}_seg.nii.gz")
+    mask = nib.load(outputs / f"{name}_pred_wt.nii.gz")
     assert mask.shape == source.shape
     assert np.array_equal(mask.affine, source.affine)
     for code in ("qform_code", "sform_code"):
@@ -136,11 +137,11 @@ def test_volume_outputs_match_the_network_called_directly(
 ) -> None:
     case = VolumeCase(CASE, "brats2021", {"flair": _flair(synthetic_small)}, None)
     expected_mask, voxel_probabilities, probabilities = _direct_volume(model, case)
-    mask = _mask(outputs / f"{CASE}_seg.nii.gz")
+    mask = _mask(outputs / f"{CASE}_pred_wt.nii.gz")
     # Equal, but for a voxel whose probability sits on 0.5 (other thread counts round differently).
     differ = mask != expected_mask
     assert np.count_nonzero(differ) <= 5 and np.all(np.abs(voxel_probabilities[differ] - 0.5) < 1e-3)
-    report = json.loads((outputs / f"{CASE}.json").read_text())
+    report = json.loads((outputs / f"{CASE}_pred.json").read_text())
     assert report["input"] == str(inputs / CASE) and report["grid_file"] == str(inputs / CASE / f"{CASE}_flair.nii.gz")
     # BraTS files are stored with the axial axis last, inferior to superior: file index = RAS z.
     assert report["axial_axis"] == 2 and len(report["slices"]) == expected_mask.shape[2]
@@ -164,9 +165,9 @@ def test_volume_outputs_match_the_network_called_directly(
 
 
 def test_a_volume_stored_in_another_axis_order_gets_the_same_mask_in_its_order(outputs: Path) -> None:
-    original = _mask(outputs / f"{CASE}_seg.nii.gz")
-    assert np.array_equal(_mask(outputs / f"{PERMUTED}_seg.nii.gz"), np.transpose(original, (2, 0, 1)))
-    case, permuted = (json.loads((outputs / f"{name}.json").read_text()) for name in (CASE, PERMUTED))
+    original = _mask(outputs / f"{CASE}_pred_wt.nii.gz")
+    assert np.array_equal(_mask(outputs / f"{PERMUTED}_pred_wt.nii.gz"), np.transpose(original, (2, 0, 1)))
+    case, permuted = (json.loads((outputs / f"{name}_pred.json").read_text()) for name in (CASE, PERMUTED))
     assert permuted["axial_axis"] == 0
     assert permuted["slices"] == case["slices"] and permuted["volume"] == case["volume"]
 
@@ -179,9 +180,9 @@ def test_image_outputs_match_the_network_called_directly(name: str, model: TinyM
     with torch.no_grad():
         out = model.eager()(torch.from_numpy(image[None]), domain=1)  # a 2D image: the Kaggle images' statistics
         assert not torch.allclose(model.eager()(torch.from_numpy(image[None]))["cls"], out["cls"])
-    mask = np.asarray(Image.open(outputs / f"{name}_mask.png"))
+    mask = np.asarray(Image.open(outputs / f"{name}_pred_wt.png"))
     assert mask.shape == grey.shape and set(np.unique(mask).tolist()) <= {0, 255}
-    report = json.loads((outputs / f"{name}.json").read_text())
+    report = json.loads((outputs / f"{name}_pred.json").read_text())
     probability = torch.softmax(out["cls"], 1)[0, 1].item()
     assert report["tumour_probability"] == pytest.approx(probability, abs=1e-5)
     assert report["predicted_class"] == int(probability >= 0.5)
@@ -211,10 +212,10 @@ def test_model_ts_alone_runs_without_the_training_code(model: TinyModel, inputs:
     _run(model, inputs, output, "--model_file", str(model.torchscript), bundle=bundle)
     assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in outputs.iterdir())
     for name in (CASE, PERMUTED):
-        scripted, eager = _mask(output / f"{name}_seg.nii.gz"), _mask(outputs / f"{name}_seg.nii.gz")
+        scripted, eager = _mask(output / f"{name}_pred_wt.nii.gz"), _mask(outputs / f"{name}_pred_wt.nii.gz")
         # Scripted and eager logits agree within 1e-4: at most a voxel where the probability sits on 0.5 may flip.
         assert np.count_nonzero(scripted != eager) <= 1e-4 * scripted.size
-        ts_report, pt_report = (json.loads((d / f"{name}.json").read_text()) for d in (output, outputs))
+        ts_report, pt_report = (json.loads((d / f"{name}_pred.json").read_text()) for d in (output, outputs))
         for ts_slice, pt_slice in zip(ts_report["slices"], pt_report["slices"], strict=True):
             if pt_slice["analysed"]:
                 assert ts_slice["tumour_probability"] == pytest.approx(pt_slice["tumour_probability"], abs=1e-4)
@@ -294,3 +295,58 @@ def test_the_command_fails_naming_the_file_and_writes_nothing(
     assert result.returncode != 0
     assert expected in result.stderr + result.stdout
     assert not output.exists(), sorted(output.rglob("*"))
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.mark.parametrize("where", ["case_folder", "below_the_input_folder"])
+def test_an_output_folder_inside_the_inputs_is_refused_and_the_ground_truth_kept(
+    where: str, model: TinyModel, synthetic_small: Path, tmp_path: Path
+) -> None:
+    # The scenario of a user who writes the predictions next to the case: BraTS's own seg must survive.
+    folder = tmp_path / "inputs"
+    shutil.copytree(synthetic_small / "brats" / CASE, folder / CASE)
+    before = _checksums(folder)
+    output = folder / CASE if where == "case_folder" else folder / "predictions"
+    result = _run(model, folder, output, check=False)
+    assert result.returncode != 0
+    assert f"the output folder {output} is inside the input folder's tree" in result.stdout + result.stderr
+    assert _checksums(folder) == before
+
+
+def test_output_beside_a_single_input_file_is_refused(model: TinyModel, tmp_path: Path) -> None:
+    volume = _write_nifti(tmp_path / "scan.nii.gz", np.ones((16, 16, 8), np.float32))
+    with pytest.raises(DataError, match=f"inside the input file's tree {tmp_path}"):
+        find_inputs(volume, model.settings, tmp_path)
+    assert len(find_inputs(volume, model.settings, tmp_path / "predictions")) == 1
+
+
+def test_a_single_case_folder_is_one_case_and_its_segmentation_is_not_an_input(
+    model: TinyModel, synthetic_small: Path, tmp_path: Path
+) -> None:
+    case_folder = synthetic_small / "brats" / CASE
+    assert (case_folder / f"{CASE}_seg.nii.gz").is_file()
+    output = tmp_path / "out"
+    _run(model, case_folder, output)
+    assert sorted(p.name for p in output.iterdir()) == [f"{CASE}_pred.json", f"{CASE}_pred_wt.nii.gz"]
+    report = json.loads((output / f"{CASE}_pred.json").read_text())
+    assert report["input"] == str(case_folder) and report["grid_file"].endswith(f"{CASE}_flair.nii.gz")
+
+
+def test_loose_ground_truth_is_refused_and_earlier_predictions_are_skipped(model: TinyModel, tmp_path: Path) -> None:
+    volume = _write_nifti(tmp_path / "scan.nii.gz", np.ones((16, 16, 8), np.float32))
+    truth = _write_nifti(tmp_path / "scan_seg.nii.gz", np.ones((16, 16, 8), np.uint8))
+    with pytest.raises(DataError, match=f"{truth} is named as a segmentation"):
+        find_inputs(tmp_path, model.settings)
+    truth.unlink()
+    # What an earlier run wrote (into a folder later used as input) is not read as new inputs.
+    _write_nifti(tmp_path / "scan_pred_wt.nii.gz", np.ones((16, 16, 8), np.uint8))
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "photo_pred_wt.png")
+    (tmp_path / "scan_pred.json").write_text("{}")
+    assert [item.source for item in find_inputs(tmp_path, model.settings)] == [volume]

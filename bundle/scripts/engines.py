@@ -1,8 +1,10 @@
-"""Iteration functions for MONAI's SupervisedTrainer / SupervisedEvaluator that serve every training stage.
+"""How MONAI's engines read a batch, for every training stage and validation.
 
 A batch says what it can be trained on: a BraTS batch carries a ``label`` mask (segmentation) and a ``cls`` target,
-a Kaggle batch only ``cls``. A step runs the tasks that are both enabled for the stage and labelled in the batch,
-so a classification-only batch never runs the decoder.
+a Kaggle batch only ``cls``. The network runs the tasks that are both enabled for the stage and labelled in the
+batch, so a classification-only batch never runs the decoder. Training is MONAI's own ``SupervisedTrainer`` step:
+:class:`MultiTaskBatch` is its ``prepare_batch`` and :class:`scripts.losses.MultiTaskLoss` its loss; the trainer's
+``accumulation_steps`` makes one optimizer step of a BraTS batch and the Kaggle batches that follow it.
 """
 
 from __future__ import annotations
@@ -12,19 +14,13 @@ from typing import Any
 
 import torch
 from monai.data import MetaTensor
+from monai.engines.utils import PrepareBatch
 from torch import nn
 
-from .networks.normalization import DOMAINS, DomainBatchNorm2d, is_batch_norm
+from .networks.normalization import DOMAINS, DomainBatchNorm2d
 
 # Metadata that travels with a batch into the evaluator's output, for per-patient evaluation.
 PASSTHROUGH_KEYS = ("source", "patient", "slice", "group", "cls4")
-
-
-def freeze_batchnorm_statistics(network: nn.Module) -> None:
-    """Put every BatchNorm layer in eval mode: affine weights still learn, running statistics stay fixed."""
-    for module in network.modules():
-        if is_batch_norm(module):
-            module.eval()
 
 
 def batch_domain(batch: Mapping[str, Any]) -> int:
@@ -79,57 +75,38 @@ def batch_targets(batch: Mapping[str, Any], tasks: Sequence[str], device: torch.
     return targets
 
 
-def _batch_inputs(
-    engine: Any, batch: Mapping[str, Any], tasks: Sequence[str]
-) -> tuple[torch.device, torch.Tensor, dict[str, torch.Tensor]]:
-    """The engine's device, the batch's images on it, and the targets of the enabled tasks."""
-    device = engine.state.device
-    return device, plain_tensor(batch["image"], device), batch_targets(batch, tasks, device)
+class MultiTaskBatch(PrepareBatch):
+    """``prepare_batch`` of MONAI's ``SupervisedTrainer``: a one-source batch as the network's input, the targets of
+    the stage's tasks it is labelled for, and the network's keyword arguments (tasks to run, image domain).
+
+    The trainer then calls ``network(images, do_seg=..., do_cls=..., domain=...)`` through its inferer and
+    ``loss_function(outputs, targets)``.
+
+    Args:
+        tasks: the tasks this stage trains ("seg", "cls").
+    """
+
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls")) -> None:
+        self.tasks = tuple(tasks)
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, Any]]:  # fmt: skip
+        device = torch.device("cpu") if device is None else torch.device(device)
+        targets = batch_targets(batchdata, self.tasks, device)
+        if not targets:
+            raise ValueError(
+                f"A batch from '{batchdata.get('source')}' has no target for the stage's tasks {self.tasks}."
+            )
+        options = {"do_seg": "seg" in targets, "do_cls": "cls" in targets, "domain": batch_domain(batchdata)}
+        return plain_tensor(batchdata["image"], device), targets, (), options
 
 
 def _autocast(engine: Any, device: torch.device) -> torch.autocast:
     kwargs = dict(getattr(engine, "amp_kwargs", None) or {})
     kwargs.setdefault("dtype", torch.float16 if device.type == "cuda" else torch.bfloat16)
     return torch.autocast(device.type, enabled=bool(getattr(engine, "amp", False)), **kwargs)
-
-
-class MultiTaskTrainStep:
-    """``iteration_update`` for :class:`monai.engines.SupervisedTrainer`.
-
-    The trainer's ``loss_function`` is a :class:`scripts.losses.MultiTaskLoss`, which returns the total ``loss``
-    and its terms; the step returns them (detached) as the iteration output.
-
-    Args:
-        tasks: the tasks this stage trains ("seg", "cls").
-        freeze_batchnorm: keep BatchNorm running statistics fixed while training.
-    """
-
-    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), freeze_batchnorm: bool = False) -> None:
-        self.tasks = tuple(tasks)
-        self.freeze_batchnorm = freeze_batchnorm
-
-    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
-        device, images, targets = _batch_inputs(engine, batch, self.tasks)
-        if not targets:
-            raise ValueError(f"A batch from '{batch.get('source')}' has no target for the stage's tasks {self.tasks}.")
-        engine.network.train()
-        if self.freeze_batchnorm:
-            freeze_batchnorm_statistics(engine.network)
-        engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", True))
-        with _autocast(engine, device):
-            outputs = engine.network(
-                images, do_seg="seg" in targets, do_cls="cls" in targets, domain=batch_domain(batch)
-            )
-            losses = engine.loss_function(outputs, targets)
-        scaler = getattr(engine, "scaler", None)
-        if scaler is not None and engine.amp:
-            scaler.scale(losses["loss"]).backward()
-            scaler.step(engine.optimizer)
-            scaler.update()
-        else:
-            losses["loss"].backward()
-            engine.optimizer.step()
-        return {name: value.detach() for name, value in losses.items()}
 
 
 class MultiTaskEvalStep:
@@ -150,7 +127,8 @@ class MultiTaskEvalStep:
         self.segment_unlabelled = segment_unlabelled
 
     def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
-        device, images, targets = _batch_inputs(engine, batch, self.tasks)
+        device = engine.state.device
+        images, targets = plain_tensor(batch["image"], device), batch_targets(batch, self.tasks, device)
         do_seg = "seg" in targets or ("seg" in self.tasks and self.segment_unlabelled)
         do_cls = "cls" in self.tasks
         engine.network.eval()

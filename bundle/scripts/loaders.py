@@ -35,6 +35,11 @@ class AlternatingLoader:
         self.brats, self.kaggle, self.kaggle_steps = brats, kaggle, kaggle_steps
         self.epoch = 0
 
+    @property
+    def batches_per_step(self) -> int:
+        """Batches of one cycle (a BraTS batch and its Kaggle batches), trained as one optimizer step."""
+        return 1 + self.kaggle_steps if len(self.brats) and len(self.kaggle) else 1
+
     def __len__(self) -> int:
         if len(self.brats) == 0:
             return len(self.kaggle)
@@ -120,6 +125,12 @@ def training_loader(data: str, brats: Any, kaggle: Any, kaggle_steps: int = 1) -
     if data == "brats+kaggle":
         return AlternatingLoader(brats, kaggle, kaggle_steps)
     raise ValueError(f"Unknown stage data '{data}': use 'brats' or 'brats+kaggle'.")
+
+
+def batches_per_step(loader: Any) -> int:
+    """Batches the trainer accumulates into one optimizer step: a whole cycle of an :class:`AlternatingLoader`
+    (the design's loss ``L_seg + lambda * L_cls`` in every update), else 1."""
+    return getattr(loader, "batches_per_step", 1)
 
 
 def validation_loader(data: str, brats: Any, kaggle: Any) -> Any:

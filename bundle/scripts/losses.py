@@ -10,38 +10,48 @@ from torch import nn
 
 
 class MultiTaskLoss(nn.Module):
-    """``L = L_seg + lambda * L_cls`` over the tasks present in the outputs.
+    """``L = L_seg + lambda * L_cls`` of one optimizer step, the loss of MONAI's ``SupervisedTrainer``.
+
+    A step is a BraTS batch and the Kaggle batches after it, which the trainer accumulates (``accumulation_steps``)
+    before one optimizer update, dividing each batch's loss by their number. Only the BraTS batch carries a mask, so
+    its segmentation term is multiplied back: the update follows the gradient of ``L_seg`` plus ``lambda`` times the
+    mean classification loss of the step's batches, the seed's ``L = L_seg + lambda * L_cls``, whatever the number
+    of Kaggle batches.
 
     Args:
         seg_loss: loss on segmentation logits and the mask, e.g. MONAI ``DiceFocalLoss(sigmoid=True)``.
         cls_loss: loss on classification logits (B, C) and class indices (B,).
         cls_weight: lambda, the weight of the classification term.
+        batches_per_step: the trainer's ``accumulation_steps`` (1 when every batch is its own step).
 
-    Returns (from ``forward``):
-        ``{"loss": total, "seg_loss": ..., "cls_loss": ...}`` with the terms that were computed.
+    ``forward`` returns the batch's share of the step's loss; its unweighted terms stay in :attr:`terms` (detached)
+    for logging.
     """
 
-    def __init__(self, seg_loss: nn.Module, cls_loss: nn.Module, cls_weight: float = 1.0) -> None:
+    def __init__(
+        self, seg_loss: nn.Module, cls_loss: nn.Module, cls_weight: float = 1.0, batches_per_step: int = 1
+    ) -> None:
         super().__init__()
         self.seg_loss = seg_loss
         self.cls_loss = cls_loss
-        self.cls_weight = cls_weight
+        self.cls_weight = float(cls_weight)
+        self.batches_per_step = int(batches_per_step)
+        self.terms: dict[str, torch.Tensor] = {}
 
-    def forward(
-        self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def forward(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
         terms: dict[str, torch.Tensor] = {}
         total = None
         if "seg" in outputs:
             terms["seg_loss"] = self.seg_loss(outputs["seg"].float(), targets["seg"])
-            total = terms["seg_loss"]
+            total = self.batches_per_step * terms["seg_loss"]
         if "cls" in outputs:
             terms["cls_loss"] = self.cls_loss(outputs["cls"].float(), targets["cls"])
             weighted = self.cls_weight * terms["cls_loss"]
             total = weighted if total is None else total + weighted
         if total is None:
             raise ValueError("MultiTaskLoss got no output to score: the network ran no task.")
-        return {"loss": total, **terms}
+        self.terms = {name: value.detach() for name, value in terms.items()}
+        return total
 
 
 class FocalClassificationLoss(nn.Module):

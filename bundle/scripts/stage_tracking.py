@@ -121,7 +121,9 @@ class StageTracking:
         if not isinstance(output, Mapping):
             return
         now, step = int(time.time() * 1000), trainer.state.iteration
-        for name, value in output.items():
+        # The batch's share of the step's loss, and its unweighted terms (scripts.losses.MultiTaskLoss keeps them).
+        values = {**output, **getattr(getattr(trainer, "loss_function", None), "terms", {})}
+        for name, value in values.items():
             if isinstance(value, torch.Tensor) and value.numel() == 1:
                 number = float(value.item())
                 self._pending.append(Metric(f"train_{name}", number, now, step))

@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from .networks.normalization import DomainBatchNorm2d
 from .tracking import PipelineTracking
 
 COMPONENTS = ("encoder", "decoder", "cls_head")
@@ -45,7 +46,7 @@ def as_bool(value: Any, name: str = "value") -> bool:
     raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
-def prepare_network(network: nn.Module, trainable: Sequence[str]) -> nn.Module:
+def prepare_network(network: nn.Module, trainable: Sequence[str], freeze_batchnorm: Any = False) -> nn.Module:
     """Freeze every component of the multi-task network that the stage does not train.
 
     Frozen components get no gradients and keep BatchNorm/Dropout in eval mode (see ``FreezableMixin``), so the
@@ -54,6 +55,8 @@ def prepare_network(network: nn.Module, trainable: Sequence[str]) -> nn.Module:
     Args:
         network: a :class:`~scripts.networks.MultiTaskModel`.
         trainable: component names to train, from ``encoder``, ``decoder``, ``cls_head``.
+        freeze_batchnorm: keep every BatchNorm layer's running statistics (see
+            :meth:`~scripts.networks.normalization.DomainBatchNorm2d.freeze_statistics`); its scale and shift train.
     """
     unknown = set(trainable) - set(COMPONENTS)
     if unknown:
@@ -61,6 +64,10 @@ def prepare_network(network: nn.Module, trainable: Sequence[str]) -> nn.Module:
     for name in COMPONENTS:
         component = getattr(network, name)
         component.unfreeze() if name in trainable else component.freeze()
+    if as_bool(freeze_batchnorm, "freeze_batchnorm"):
+        for module in network.modules():
+            if isinstance(module, DomainBatchNorm2d):
+                module.freeze_statistics()
     return network
 
 

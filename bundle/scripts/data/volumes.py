@@ -37,6 +37,7 @@ __all__ = [
     "DataError",
     "LoadedCase",
     "VolumeCase",
+    "case_folder",
     "check_case",
     "detect_layout",
     "find_cases",
@@ -285,6 +286,19 @@ def _misnamed_seg(folder: Path, unrecognised: list[Path], seg_name: str) -> Path
         UserWarning,
         stacklevel=5,
     )
+    return None
+
+
+def case_folder(folder: Path) -> VolumeCase | None:
+    """The case that ``folder`` is, when it is itself one BraTS case folder (named and filled as in
+    :data:`LAYOUTS`), else None. Lets a caller given one case folder read it as one case, not as loose files.
+    """
+    folder = Path(folder)
+    for layout, pattern in _CASE_FOLDER.items():
+        if folder.is_dir() and pattern.match(folder.name):
+            files, seg = _brats_case_files(folder, layout)
+            if files:
+                return VolumeCase(case_id=folder.name, layout=layout, modality_files=files, seg_file=seg)
     return None
 
 

@@ -21,6 +21,8 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from .names import REPORT_SUFFIX
+
 __all__ = ["compare_outputs", "main"]
 
 _TOLERANCE = 1e-5
@@ -57,8 +59,8 @@ def compare_outputs(first: Path, second: Path) -> tuple[int, list[str]]:
         The number of inputs compared, and one line per problem (empty when they agree and every mask overlays its
         input).
     """
-    reports = {p.name: p for p in Path(first).glob("*.json")}
-    others = {p.name: p for p in Path(second).glob("*.json")}
+    reports = {p.name: p for p in Path(first).glob(f"*{REPORT_SUFFIX}")}
+    others = {p.name: p for p in Path(second).glob(f"*{REPORT_SUFFIX}")}
     problems = [f"{name} is only in {first}" for name in sorted(reports.keys() - others.keys())]
     problems += [f"{name} is only in {second}" for name in sorted(others.keys() - reports.keys())]
     for name in sorted(reports.keys() & others.keys()):

@@ -1,6 +1,6 @@
 """Find the inputs of an inference run and check every one of them before anything is computed or written.
 
-Accepted, in one folder (or a single file):
+Accepted, in one folder (or a single file, or a single BraTS case folder):
 
 - BraTS 2020 / 2021 / 2023 case folders or an MSD Task01 folder, as :mod:`scripts.data.volumes` reads them for
   training (segmentations, when present, are ignored);
@@ -8,8 +8,10 @@ Accepted, in one folder (or a single file):
   the order of the settings' modalities for a C-channel model;
 - 2D images (``.png``, ``.jpg``, ``.jpeg``), preprocessed like the Kaggle images of training.
 
-Other files (``name_mapping.csv``, ``dataset.json``, notes) and hidden entries are skipped. Every problem found is
-reported at once, one line per file.
+Other files (``name_mapping.csv``, ``dataset.json``, notes), hidden entries and the outputs of an earlier run
+(:mod:`.names`) are skipped; a loose NIfTI named like a ground truth (``*_seg``, ``*-seg``) is refused rather than
+read as an image. Every problem found is reported at once, one line per file. Outputs go outside every input tree,
+so that no prediction can replace or shadow an input.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from pathlib import Path
 import nibabel as nib
 
 from scripts.data.images import IMAGE_SUFFIXES, find_image_problem, is_ignored
-from scripts.data.volumes import DataError, VolumeCase, check_case, find_cases
+from scripts.data.volumes import DataError, VolumeCase, case_folder, check_case, find_cases
 
+from .names import PREDICTION_SUFFIXES
 from .settings import InferenceSettings
 
-__all__ = ["NIFTI_SUFFIXES", "InferenceInput", "find_inputs", "input_name"]
+__all__ = ["NIFTI_SUFFIXES", "InferenceInput", "check_output_dir", "find_inputs", "input_name"]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _ACCEPTED = "BraTS / MSD case folders, NIfTI volumes (.nii, .nii.gz) or 2D images (.png, .jpg, .jpeg)"
@@ -83,6 +86,15 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _is_prediction(path: Path) -> bool:
+    return path.name.endswith(PREDICTION_SUFFIXES)
+
+
+def _looks_like_ground_truth(path: Path) -> bool:
+    """``x_seg.nii.gz`` / ``x-seg.nii.gz``: BraTS's names for a segmentation, never an image to predict on."""
+    return _is_nifti(path) and input_name(path).lower().endswith(("_seg", "-seg"))
+
+
 def _plain_volume(path: Path, settings: InferenceSettings) -> InferenceInput:
     """A NIfTI file given as it is: check its channels against the model, then as training checks files."""
     try:
@@ -115,6 +127,11 @@ def _image(path: Path) -> InferenceInput:
 
 
 def _file_input(path: Path, settings: InferenceSettings) -> InferenceInput:
+    if _looks_like_ground_truth(path):
+        raise DataError(
+            f"file {path} is named as a segmentation (ground truth), not an image: move it away, or pass its case "
+            "folder, whose segmentation is ignored"
+        )
     if _is_nifti(path):
         return _plain_volume(path, settings)
     if _is_image(path):
@@ -130,7 +147,7 @@ def _case_input(case: VolumeCase, settings: InferenceSettings) -> InferenceInput
 
 def _folder_candidates(root: Path) -> tuple[list[VolumeCase], list[Path]]:
     """Case folders (when the folder has a BraTS / MSD layout) and plain input files directly under ``root``."""
-    entries = sorted((e for e in root.iterdir() if not _is_hidden(e)), key=lambda e: e.name)
+    entries = sorted((e for e in root.iterdir() if not (_is_hidden(e) or _is_prediction(e))), key=lambda e: e.name)
     files = [e for e in entries if e.is_file() and (_is_nifti(e) or _is_image(e))]
     skipped = [e.name for e in entries if e.is_file() and e not in files]
     cases: list[VolumeCase] = []
@@ -146,15 +163,33 @@ def _folder_candidates(root: Path) -> tuple[list[VolumeCase], list[Path]]:
     return cases, files
 
 
+def check_output_dir(root: Path | str, output_dir: Path | str) -> None:
+    """Refuse an output folder inside the input tree (or, for one input file, the folder holding it).
+
+    Written there, a prediction could replace an input (a case's ground truth among them) or be read as an input by
+    the next run.
+
+    Raises:
+        DataError: Naming both folders and the fix.
+    """
+    root, output = Path(root).resolve(), Path(output_dir).resolve()
+    tree = root if root.is_dir() else root.parent
+    if output == tree or (root.is_dir() and tree in output.parents):
+        raise DataError(
+            f"the output folder {output_dir} is inside the input {'folder' if root.is_dir() else 'file'}'s tree "
+            f"{tree}: predictions there could replace or be read as inputs; choose a folder outside {tree}"
+        )
+
+
 def find_inputs(
     root: Path | str, settings: InferenceSettings, output_dir: Path | str | None = None
 ) -> list[InferenceInput]:
     """List and check the inputs of a run, reading only headers (cheap), before any prediction.
 
     Args:
-        root: A folder of inputs, or one input file.
+        root: A folder of inputs, one BraTS case folder, or one input file.
         settings: The run's settings (channels and modalities are checked against them).
-        output_dir: Where the outputs go; it must not be ``root`` itself (outputs would be read as inputs next time).
+        output_dir: Where the outputs go; checked by :func:`check_output_dir`.
 
     Returns:
         The inputs, case folders first, then files, each group by name.
@@ -167,9 +202,13 @@ def find_inputs(
     root = Path(root)
     if not root.exists():
         raise DataError(f"input {root} does not exist")
-    if output_dir is not None and root.is_dir() and Path(output_dir).resolve() == root.resolve():
-        raise DataError(f"the output folder must not be the input folder {root}")
-    cases, files = _folder_candidates(root) if root.is_dir() else ([], [root])
+    if output_dir is not None:
+        check_output_dir(root, output_dir)
+    single_case = case_folder(root)
+    if single_case is not None:
+        cases, files = [single_case], []
+    else:
+        cases, files = _folder_candidates(root) if root.is_dir() else ([], [root])
     inputs: list[InferenceInput] = []
     problems: list[str] = []
     for check, candidate in [*((_case_input, c) for c in cases), *((_file_input, f) for f in files)]:

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
+from .names import report_name
 from .predict import Prediction
 
 __all__ = ["OutputStaging", "save_mask_nifti", "write_prediction"]
@@ -91,6 +92,6 @@ def write_prediction(prediction: Prediction, staging: OutputStaging) -> list[str
         save_mask_nifti(prediction.mask, item.reference_file, staging.path(mask_name))
     else:
         Image.fromarray((prediction.mask * _PNG_TUMOUR).astype(np.uint8), mode="L").save(staging.path(mask_name))
-    json_name = f"{item.name}.json"
+    json_name = report_name(item.name)
     staging.path(json_name).write_text(json.dumps(prediction.report, indent=2) + "\n", encoding="utf-8")
     return [mask_name, json_name]

@@ -25,6 +25,7 @@ from scripts.data.slices import extract_slices, restore_slice, slices_to_volume
 from scripts.data.volumes import DataError, LoadedCase, load_case, to_original_grid
 
 from .inputs import InferenceInput
+from .names import mask_name
 from .settings import InferenceSettings
 
 __all__ = [
@@ -203,7 +204,7 @@ def _finish_volume(
     report = {
         "input": str(prepared.item.source),
         "type": "volume",
-        "mask": f"{prepared.item.name}_seg.nii.gz",
+        "mask": mask_name(prepared.item.name, "volume"),
         "grid_file": str(prepared.item.reference_file),  # the mask has this file's shape, affine and header
         "shape": [int(s) for s in loaded.original_shape],
         "voxel_volume_ml": voxel_ml,
@@ -239,7 +240,7 @@ def _finish_image(
     report = {
         "input": str(prepared.item.source),
         "type": "image",
-        "mask": f"{prepared.item.name}_mask.png",
+        "mask": mask_name(prepared.item.name, "image"),
         "shape": [height, width],
         "preprocessing": settings.summary(),
         "tumour_probability": probability,

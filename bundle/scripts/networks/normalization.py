@@ -46,6 +46,16 @@ class DomainBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_domains, num_features))
         self.register_buffer("num_batches_tracked", torch.zeros(num_domains, dtype=torch.long))
 
+    def freeze_statistics(self) -> None:
+        """Keep the running statistics (eval mode) from now on, even when a parent calls ``train()``; the scale and
+        shift still learn. With one set of statistics, alternating BraTS and Kaggle batches would drag it between
+        the two domains."""
+        self.statistics_frozen = True
+        self.eval()
+
+    def train(self, mode: bool = True) -> DomainBatchNorm2d:
+        return super().train(mode and not getattr(self, "statistics_frozen", False))
+
     def forward(self, x: torch.Tensor, domain: int = 0) -> torch.Tensor:
         domain = min(max(domain, 0), self.num_domains - 1)
         # Rows of the (domains, channels) buffers are contiguous views: batch_norm updates them in place.
