@@ -296,10 +296,15 @@ def case_folder(folder: Path) -> VolumeCase | None:
     folder = Path(folder)
     for layout, pattern in _CASE_FOLDER.items():
         if folder.is_dir() and pattern.match(folder.name):
-            files, seg = _brats_case_files(folder, layout)
-            if files:
-                return VolumeCase(case_id=folder.name, layout=layout, modality_files=files, seg_file=seg)
+            case = _brats_case(folder, layout)
+            if case.modality_files:
+                return case
     return None
+
+
+def _brats_case(folder: Path, layout: str) -> VolumeCase:
+    files, seg = _brats_case_files(folder, layout)
+    return VolumeCase(case_id=folder.name, layout=layout, modality_files=files, seg_file=seg)
 
 
 def _find_brats_cases(root: Path, layout: str) -> list[VolumeCase]:
@@ -307,8 +312,7 @@ def _find_brats_cases(root: Path, layout: str) -> list[VolumeCase]:
     cases = []
     for folder in _visible_entries(root):
         if folder.is_dir() and pattern.match(folder.name):
-            files, seg = _brats_case_files(folder, layout)
-            cases.append(VolumeCase(case_id=folder.name, layout=layout, modality_files=files, seg_file=seg))
+            cases.append(_brats_case(folder, layout))
     if not cases:
         raise DataError(f"data folder {root} has no {layout} case folders (expected e.g. ROOT/{_EXAMPLE[layout]})")
     return cases
