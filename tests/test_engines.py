@@ -121,3 +121,15 @@ def test_the_accumulated_update_is_the_gradient_of_the_designs_loss() -> None:
     total.backward()
     expected = torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
     torch.testing.assert_close(accumulated, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_only_a_stage_that_trains_both_tasks_accumulates_its_cycle() -> None:
+    from scripts.loaders import AlternatingLoader, batches_per_step
+
+    brats, kaggle = _tiny_batches()
+    loader = AlternatingLoader(brats, kaggle, kaggle_steps=3)
+    assert batches_per_step(loader, ("seg", "cls")) == 4
+    # The classification head stage and the cls-only baseline step on every batch, as the baselines always trained.
+    assert batches_per_step(loader, ("cls",)) == 1
+    assert batches_per_step(brats, ("seg", "cls")) == 1, "BraTS alone: nothing to accumulate"
+    assert batches_per_step(AlternatingLoader(brats, [], kaggle_steps=3), ("seg", "cls")) == 1

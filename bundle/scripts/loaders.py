@@ -127,10 +127,14 @@ def training_loader(data: str, brats: Any, kaggle: Any, kaggle_steps: int = 1) -
     raise ValueError(f"Unknown stage data '{data}': use 'brats' or 'brats+kaggle'.")
 
 
-def batches_per_step(loader: Any) -> int:
-    """Batches the trainer accumulates into one optimizer step: a whole cycle of an :class:`AlternatingLoader`
-    (the design's loss ``L_seg + lambda * L_cls`` in every update), else 1."""
-    return getattr(loader, "batches_per_step", 1)
+def batches_per_step(loader: Any, tasks: Sequence[str] = ("seg", "cls")) -> int:
+    """Batches the trainer accumulates into one optimizer step.
+
+    A stage that trains both tasks on an :class:`AlternatingLoader` takes one step per cycle, so that every update
+    follows the design's ``L_seg + lambda * L_cls`` (the Kaggle batches carry no mask). A stage with one task has no
+    other task's gradient to keep in its updates: each batch is its own step, as the single-task baselines train.
+    """
+    return getattr(loader, "batches_per_step", 1) if {"seg", "cls"} <= set(tasks) else 1
 
 
 def validation_loader(data: str, brats: Any, kaggle: Any) -> Any:
