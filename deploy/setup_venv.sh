@@ -2,9 +2,9 @@
 # Create (or reuse) the MONAI Deploy application's own virtual environment, .venv-deploy at the repository root.
 #
 # It is separate from the training environment (.venv): the App SDK pulls Holoscan, CuPy and cuda-python, and it
-# breaks a plain `import monai` there. torch 2.13.0 (CPU build) is installed first unless a torch is already
-# present, so that nothing resolves a multi-GB CUDA build on a CPU machine. Rerunning is cheap: the installation is
-# skipped while the requirement files are unchanged.
+# breaks a plain `import monai` there. torch 2.13.0 is installed first (scripts/install_torch.sh: the CPU build
+# on a machine without an NVIDIA GPU), so that nothing resolves a multi-GB CUDA build on a CPU machine. Rerunning
+# is cheap: the installation is skipped while the requirement files are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,10 +21,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "[deploy-setup] creating $VENV"
     "$PYTHON" -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    echo "[deploy-setup] installing torch 2.13.0 (CPU build)"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-fi
+bash scripts/install_torch.sh "$VENV"
 echo "[deploy-setup] installing the App SDK and the application's requirements"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
     -r deploy/requirements.txt -r deploy/requirements-tools.txt

@@ -211,8 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     document = {"overrides": args.overrides, "preset": args.preset, "seeds": results, **overview}
     output.write_text(json.dumps(document, indent=2))
     print("\n" + report(results, overview))
-    print(f"\nDone in {time.monotonic() - start:.0f} s. Study: {output}; logs: {args.out}/seed_*/logs/; runs: "
-          f".venv/bin/mlflow ui --backend-store-uri {tracking_uri}")  # fmt: skip
+    print(f"\nDone in {time.monotonic() - start:.0f} s. Study: {output}; logs: {args.out}/seed_*/logs/")
+    print(
+        f"All metrics of the models, mean and range over the seeds:\n  .venv/bin/python scripts/compare_runs.py "
+        f"--tracking-uri {tracking_uri} --experiment {EXPERIMENT} --split validation --seeds --out-dir {args.out}"
+    )
+    print(f"The runs: .venv/bin/mlflow ui --backend-store-uri {tracking_uri}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) the project's virtual environment in .venv and install the project with its dev tools.
-# torch: an already-installed torch (e.g. a CUDA build a GPU user put there first) is kept; otherwise the CPU
-# build 2.13.0 is installed before the project, so that nothing pulls a multi-GB CUDA build on a CPU machine.
+# torch is installed first (scripts/install_torch.sh: the CPU build on a machine without an NVIDIA GPU), so that
+# the project's own requirement never pulls a multi-GB CUDA build there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,10 +13,7 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-    echo "[setup] installing torch 2.13.0 (CPU build)"
-    "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-fi
+bash scripts/install_torch.sh "$VENV"
 echo "[setup] installing the project and its dependencies"
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check ".[dev]"
 "$VENV/bin/python" -c "import torch, monai, mlflow; print(f'[setup] torch {torch.__version__}, monai {monai.__version__}, mlflow {mlflow.__version__}')"
