@@ -6,8 +6,8 @@ the validation split, and print how much the result depends on the seed.
 
 Arguments after ``--`` are bundle overrides for the multi-task pipeline (the settings under study); the baselines
 train with the preset alone. Each seed trains in ``<out>/seed_<n>/`` (models/, eval/), as the demo does: the
-baselines beside the pipeline, one process each with half the cores. A seed already trained is not trained again
-(its stages are finished), so give new settings a new ``--out``. The runs go to the study's own MLflow store
+baselines beside the pipeline, one process each with half the cores. A seed that finished (its result.json) is not
+trained again when the study reruns, so give new settings a new ``--out``. The runs go to the study's own MLflow store
 (``<out>/mlruns/mlflow.db``), so that a study never mixes with the bundle's runs. ``--reuse`` starts each seed from
 an earlier study's stages 1-2 and baselines, so that a study of stage-3 settings trains stage 3 alone.
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def train_and_evaluate(seed: int, args: argparse.Namespace, tracking_uri: str) -
     to_train = [b for b in BASELINES if not (seed_dir / "eval" / b / "metrics.json").is_file()]
     baselines = [bundle_command([TRAIN, args.preset, f"configs/{b}.yaml"], *common) for b in to_train]
     # The baselines run one after the other in a shell of their own, beside the pipeline (as scripts/demo.sh does).
-    script = " && ".join(subprocess.list2cmdline(command) for command in baselines) or "true"
+    script = " && ".join(shlex.join(command) for command in baselines) or "true"
     side = run_logged(["bash", "-c", script], logs / "baselines.log", env)
     pipeline = run_logged(bundle_command([TRAIN, args.preset], *common, *args.overrides), logs / "multitask.log", env)
     wait_for(pipeline, logs / "multitask.log")
@@ -205,7 +206,12 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for index, seed in enumerate(args.seeds, 1):
         print(f"==== seed {seed} ({index}/{len(args.seeds)}), {time.monotonic() - start:.0f} s so far ====", flush=True)
+        done = args.out / f"seed_{seed}" / "result.json"
+        if done.is_file():  # a rerun of the study reports the seeds it finished without training them again
+            results[seed] = json.loads(done.read_text())
+            continue
         results[seed] = seed_result(train_and_evaluate(seed, args, tracking_uri), tracking_uri)
+        done.write_text(json.dumps(results[seed], indent=2))
     overview = summary(results)
     output = args.out / "study.json"
     document = {"overrides": args.overrides, "preset": args.preset, "seeds": results, **overview}
