@@ -36,7 +36,7 @@ if str(REPO_ROOT / "bundle") not in sys.path:
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from scripts.data import duplicates, images, splits  # noqa: E402
+from scripts.data import PRESET_SIZES, duplicates, images, splits  # noqa: E402
 from scripts.data.volumes import MODALITIES, DataError, VolumeCase, check_case, detect_layout, find_cases  # noqa: E402
 from scripts.data.volumes import load_case as load_volume_case  # noqa: E402
 
@@ -54,8 +54,8 @@ DUPLICATES_FILE = "duplicates.json"
 # Largest finite float16; z-scored intensities sit far below it, the clip only guards against a corrupt outlier.
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 NEXT_COMMAND = (
-    "python -m monai.bundle run --config_file \"['bundle/configs/train.yaml','configs/demo.yaml']\" "
-    "--bundle_root bundle --dataset_dir {out}"
+    "python -m monai.bundle run --config_file \"['bundle/configs/train.yaml','{preset}']\" "
+    "--bundle_root bundle --dataset_dir {out}{extra}"
 )
 # Label-conflict groups kept in summary.json and skipped files printed (the counts are always complete).
 LIST_LIMIT = 100
@@ -804,10 +804,18 @@ def _format_kaggle(kaggle: dict[str, Any]) -> list[str]:
     return lines
 
 
-def print_next_steps(out: Path) -> None:
+def next_command(out: Path, size: int, channels: int) -> str:
+    """The training command for slices of this size: the preset made for it, or the demo's with the size given."""
+    preset = PRESET_SIZES.get(size, "configs/demo.yaml")
+    extra = "" if size in PRESET_SIZES else f" --image_size {size}"
+    extra += f" --in_channels {channels}" if channels != 1 else ""
+    return NEXT_COMMAND.format(preset=preset, out=out, extra=extra)
+
+
+def print_next_steps(out: Path, size: int, channels: int) -> None:
     """Where the outputs are and what to run next."""
     print(f"\nOutputs: {out / DATALIST_FILE}, {out / PATIENTS_FILE}, {out / SUMMARY_FILE}")
-    print("Next:\n  " + NEXT_COMMAND.format(out=out))
+    print("Next:\n  " + next_command(out, size, channels))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -820,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not options.force and is_up_to_date(options.out, record):
             print(format_summary(json.loads((options.out / SUMMARY_FILE).read_text())))
             print(f"\n{options.out} is up to date (same inputs and options): nothing to do; --force rebuilds it.")
-            print_next_steps(options.out)
+            print_next_steps(options.out, options.size, len(options.modalities))
             return 0
         remove_abandoned_builds(options.out)
         timings: dict[str, float] = {}
@@ -838,7 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     print(format_summary(summary))
     print(f"\nDone in {time.perf_counter() - started:.1f} s.")
-    print_next_steps(options.out)
+    print_next_steps(options.out, options.size, len(options.modalities))
     return 0
 
 

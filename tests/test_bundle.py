@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BUNDLE_ROOT, EVALUATE, REPO_ROOT, TINY_OVERRIDES, TRAIN, bundle_command, bundle_run, run_cli
+from conftest import (
+    BUNDLE_ROOT,
+    EVALUATE,
+    REPO_ROOT,
+    TINY_OVERRIDES,
+    TINY_SIZE,
+    TRAIN,
+    bundle_command,
+    bundle_run,
+    run_cli,
+)
 from monai.bundle import ConfigWorkflow
 
 MULTI_GPU = "bundle/configs/multi_gpu_train.yaml"
@@ -205,8 +215,28 @@ def test_missing_prepared_data_fails_clearly(tmp_path: Path) -> None:
         *TINY_OVERRIDES,
         check=False,
     )
-    assert result.returncode != 0
-    assert "No datalist at" in result.stderr + result.stdout and "prepare_data.py" in result.stderr + result.stdout
+    assert result.returncode == 1
+    assert f"Error: No prepared data at {tmp_path / 'nowhere'}" in result.stderr and "prepare_data.py" in result.stderr
+    assert "Traceback" not in result.stderr, "the one line that matters, not a config traceback"
+
+
+@pytest.mark.parametrize("config", [[TRAIN, "configs/demo.yaml"], [TRAIN, EVALUATE, "configs/demo.yaml"]])
+def test_a_preset_whose_slice_size_differs_from_the_prepared_data_stops_before_loading_it(
+    config: list[str], prepared_small: Path, tmp_path: Path
+) -> None:
+    # The demo preset's 64 px network on slices prepared at TINY_SIZE px: it would train (any size does), and then
+    # HD95 in mm, the logged image_size and the exported metadata would be wrong.
+    overrides = list(TINY_OVERRIDES)
+    overrides[overrides.index("--image_size") + 1] = "64"
+    args = ["--dataset_dir", str(prepared_small), "--ckpt_dir", str(tmp_path / "models"), "--in_channels", "2"]
+    result = bundle_run(config, *args, "--stage", "1", *overrides, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"Error: {prepared_small} does not fit this config")
+    assert f"its slices are {TINY_SIZE} px but the config builds the network for 64 px" in message
+    assert f"add --image_size {TINY_SIZE}, or prepare the data again with --size 64" in message
+    assert "1 channel(s) (flair) but the config's in_channels is 2" in message
+    assert not (tmp_path / "models").exists(), "nothing was trained or written"
 
 
 def test_baselines_keep_their_checkpoints_apart(trained: dict[str, Path]) -> None:

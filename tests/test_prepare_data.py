@@ -242,6 +242,18 @@ def test_summary_is_printed_and_written(prepared: dict[str, Any]) -> None:
     stdout = prepared["stdout"]
     for text in ("BraTS (brats2021", "Kaggle (", "duplicate groups", "Next:", "--dataset_dir " + str(prepared["out"])):
         assert text in stdout
+    # The suggested command builds the network for the size the slices were prepared at.
+    assert SIZE == 64 and stdout.rstrip().endswith(
+        f"configs/demo.yaml']\" --bundle_root bundle --dataset_dir {prepared['out']}"
+    )
+
+
+def test_the_suggested_training_command_pairs_the_slice_size_with_its_preset(tmp_path: Path) -> None:
+    assert "configs/demo.yaml" in cli.next_command(tmp_path, 64, 1) and "--image_size" not in cli.next_command(
+        tmp_path, 64, 1
+    )
+    assert "configs/full.yaml" in cli.next_command(tmp_path, 256, 1)
+    assert cli.next_command(tmp_path, 256, 4).endswith(f"--dataset_dir {tmp_path} --in_channels 4")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["data", "datasets", "engines", "evaluation", "handlers", "inference", "loaders", "losses", "metrics",
-           "networks", "report", "stage_tracking", "stages", "tracking"]  # fmt: skip
+__all__ = ["data", "datasets", "engines", "errors", "evaluation", "handlers", "inference", "loaders", "losses",
+           "metrics", "networks", "report", "stage_tracking", "stages", "tracking"]  # fmt: skip
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -12,8 +12,45 @@ from typing import Any
 from monai.data import CacheDataset, Dataset, PersistentDataset, get_track_meta, set_track_meta
 from monai.transforms import Compose
 
+from .data import PRESET_SIZES
+from .errors import UsageError
+
 CACHE_MODES = ("memory", "disk", "none")
 PATH_KEYS = ("image", "label")
+OPTIONS_FILE = "prepare_options.json"  # what scripts/prepare_data.py was asked for
+
+
+def check_prepared(dataset_dir: str | os.PathLike, image_size: int, in_channels: int) -> None:
+    """Stop before any data is loaded when the prepared slices do not fit the network the config builds.
+
+    A network trains on slices of any size, so a mismatch would pass silently, and then HD95 in mm, the logged
+    ``image_size`` and the exported metadata would all be wrong.
+
+    Raises:
+        UsageError: the folder was not written by scripts/prepare_data.py, or its slice size or channel count
+            differs from the config's, with both ways out.
+    """
+    path = os.path.join(dataset_dir, OPTIONS_FILE)
+    if not os.path.isfile(path):
+        raise UsageError(
+            f"No prepared data at {dataset_dir} (no {OPTIONS_FILE}): point --dataset_dir at a folder written by "
+            "scripts/prepare_data.py."
+        )
+    with open(path) as file:
+        options = json.load(file)["options"]
+    size, channels = int(options["size"]), len(options["modalities"])
+    problems = []
+    if size != int(image_size):
+        preset = PRESET_SIZES.get(size)
+        fix = f"train with {preset}" if preset else f"add --image_size {size}"
+        problems.append(f"its slices are {size} px but the config builds the network for {image_size} px "
+                        f"(image_size): {fix}, or prepare the data again with --size {image_size}")  # fmt: skip
+    if channels != int(in_channels):
+        problems.append(f"its slices have {channels} channel(s) ({','.join(options['modalities'])}) but the config's "
+                        f"in_channels is {in_channels}: add --in_channels {channels}, or prepare the data again "
+                        f"with {in_channels} --modalities")  # fmt: skip
+    if problems:
+        raise UsageError(f"{dataset_dir} does not fit this config ({path}): " + "; ".join(problems) + ".")
 
 
 def load_datalist(datalist_path: str | os.PathLike, key: str, base_dir: str | os.PathLike) -> list[dict[str, Any]]:

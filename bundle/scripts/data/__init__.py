@@ -1,1 +1,4 @@
 """Data preparation: BraTS volumes and slices, Kaggle images, duplicates and splits."""
+
+# The top-level presets and the slice size each builds its network for (prepare_data.py --size).
+PRESET_SIZES = {64: "configs/demo.yaml", 256: "configs/full.yaml"}
