@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from .errors import report_user_errors
+
 __all__ = ["data", "datasets", "engines", "errors", "evaluation", "handlers", "inference", "loaders", "losses",
            "metrics", "networks", "report", "stage_tracking", "stages", "tracking"]  # fmt: skip
 
@@ -20,3 +22,8 @@ def __getattr__(name: str) -> ModuleType:
         globals()[name] = module
         return module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# Whatever runs the bundle (monai.bundle, prepare_data.py, the Deploy app), a mistake of the user's is reported as
+# one message with its fix, not a traceback.
+report_user_errors()

@@ -64,13 +64,13 @@ def load_datalist(datalist_path: str | os.PathLike, key: str, base_dir: str | os
         KeyError: the datalist has no list under ``key``.
     """
     if not os.path.isfile(datalist_path):
-        raise FileNotFoundError(
+        raise UsageError(
             f"No datalist at {datalist_path}: point --dataset_dir at a folder written by scripts/prepare_data.py."
         )
     with open(datalist_path) as file:
         datalist = json.load(file)
     if key not in datalist:
-        raise KeyError(f"{datalist_path} has no '{key}' list (it has {sorted(datalist)}).")
+        raise UsageError(f"{datalist_path} has no '{key}' list (it has {sorted(datalist)}).")
     items = []
     for item in datalist[key]:
         item = dict(item)

@@ -51,6 +51,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from .errors import UsageError
+
 __all__ = [
     "KAGGLE_CLASSES",
     "SOURCES",
@@ -975,17 +977,17 @@ def require_model(path: str | os.PathLike[str]) -> Path:
     """Fail early, with the command that makes it, when the model to evaluate does not exist."""
     model = Path(path)
     if not model.is_file():
-        raise FileNotFoundError(
+        raise UsageError(
             f"No trained model at {model}: train it first with `python -m monai.bundle run --config_file "
             "\"['bundle/configs/train.yaml', PRESET]\" --bundle_root bundle --dataset_dir PREPARED_DIR`."
         )
     return model
 
 
-def results_message(collector: PredictionCollector) -> str:
+def results_message(collector: PredictionCollector, split: str = "test") -> str:
     """Where the evaluation wrote its results and the headline numbers, printed at the end."""
     metrics = collector.metrics
-    lines = ["Evaluation on the test split:"]
+    lines = [f"Evaluation on the {split} split:"]
     for key in ("brats_patient_dice_mean", "brats_hd95_mean", "brats_cls_roc_auc", "kaggle_cls_roc_auc"):
         if key in metrics and not math.isnan(metrics[key]):
             lines.append(f"  {key}: {metrics[key]:.4f}")

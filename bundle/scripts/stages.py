@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import UsageError
 from .networks.normalization import DomainBatchNorm2d
 from .tracking import PipelineTracking
 
@@ -43,7 +44,7 @@ def as_bool(value: Any, name: str = "value") -> bool:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"{name} must be true or false, got {value!r}.")
+    raise UsageError(f"{name} must be true or false, got {value!r}.")
 
 
 def prepare_network(network: nn.Module, trainable: Sequence[str], freeze_batchnorm: Any = False) -> nn.Module:
@@ -60,7 +61,7 @@ def prepare_network(network: nn.Module, trainable: Sequence[str], freeze_batchno
     """
     unknown = set(trainable) - set(COMPONENTS)
     if unknown:
-        raise ValueError(f"Unknown trainable components {sorted(unknown)}: choose from {COMPONENTS}.")
+        raise UsageError(f"Unknown trainable components {sorted(unknown)}: choose from {COMPONENTS}.")
     for name in COMPONENTS:
         component = getattr(network, name)
         component.unfreeze() if name in trainable else component.freeze()
@@ -71,15 +72,21 @@ def prepare_network(network: nn.Module, trainable: Sequence[str], freeze_batchno
     return network
 
 
-def parameter_groups(network: nn.Module, lr: float, encoder_lr_factor: float = 1.0) -> list[dict[str, Any]]:
-    """Optimizer parameter groups over trainable parameters only: the encoder at ``lr * encoder_lr_factor``.
+def parameter_groups(network: nn.Module, stage: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Optimizer parameter groups over trainable parameters only, from a stage of the config's ``stages`` table:
+    the encoder at ``lr * encoder_lr_factor``, the decoder at ``lr * decoder_lr_factor``, the classification head at
+    ``lr`` (factors default to 1).
 
-    A lower encoder rate in joint fine-tuning keeps the features learnt in the segmentation warm-up while the
-    decoder and head adapt. Empty groups are left out, so a stage with a frozen encoder has no encoder group.
+    In joint fine-tuning a lower encoder rate keeps the features learnt in the segmentation warm-up while the
+    classification adapts, and a lower decoder rate keeps the decoder that stage 1 trained: at the head's rate, a
+    fresh AdamW moves every decoder weight by about the learning rate each step, which drifted the demo's masks to
+    empty within an epoch (README, "The joint stage"). Empty groups are left out, so a stage with a frozen encoder
+    has no encoder group.
     """
+    lr = float(stage["lr"])
     groups = [
-        ("encoder", network.encoder.parameters(), lr * encoder_lr_factor),
-        ("decoder", network.decoder.parameters(), lr),
+        ("encoder", network.encoder.parameters(), lr * float(stage.get("encoder_lr_factor", 1.0))),
+        ("decoder", network.decoder.parameters(), lr * float(stage.get("decoder_lr_factor", 1.0))),
         ("cls_head", network.cls_head.parameters(), lr),
     ]
     result = []
@@ -101,13 +108,13 @@ def init_checkpoint(ckpt_dir: str | os.PathLike, variant: str, init_from: int | 
     """The best checkpoint of the stage this one starts from ('' when it starts from scratch).
 
     Raises:
-        FileNotFoundError: the previous stage has not produced its best checkpoint yet.
+        UsageError: the previous stage has not produced its best checkpoint yet.
     """
     if not init_from:
         return ""
     path = os.path.join(stage_dir(ckpt_dir, variant, init_from), "best.pt")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UsageError(
             f"This stage starts from stage {init_from}'s best checkpoint {path}, which does not exist: "
             f"run stage {init_from} first (--stage {init_from}), or the whole pipeline (--stage 0)."
         )
@@ -199,8 +206,9 @@ def run_pipeline(
             command = [sys.executable, *launcher, "-m", "monai.bundle", *args, "--stage", str(stage)]
             completed = subprocess.run(command, check=False)
             if completed.returncode != 0:
-                raise RuntimeError(
-                    f"Stage {stage} failed with exit status {completed.returncode}; later stages skipped."
+                raise UsageError(
+                    f"Stage {stage} failed with exit status {completed.returncode} (its error is above); later "
+                    "stages skipped."
                 )
             durations.append(time.perf_counter() - start)
         status = "FINISHED"

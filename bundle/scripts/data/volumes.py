@@ -30,6 +30,8 @@ import nibabel as nib
 import numpy as np
 from nibabel import orientations
 
+from scripts.errors import UsageError
+
 __all__ = [
     "LAYOUTS",
     "MODALITIES",
@@ -94,7 +96,7 @@ _MSD_MODALITY_NAMES = {
 _MSD_DEFAULT_CHANNELS = {"flair": 0, "t1": 1, "t1ce": 2, "t2": 3}
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Input data is missing, unreadable or inconsistent; the message names the file or folder and the problem."""
 
 

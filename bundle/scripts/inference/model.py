@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from .settings import InferenceSettings, settings_from_config
 
 __all__ = [
@@ -58,10 +59,10 @@ def resolve_model_file(path: Path | str) -> Path:
     if path.is_dir():
         found = sorted(path.rglob("*.ts"))
         if len(found) != 1:
-            raise FileNotFoundError(f"model folder {path} holds {len(found)} .ts files; expected exactly one")
+            raise UsageError(f"model folder {path} holds {len(found)} .ts files; expected exactly one")
         return found[0]
     if not path.is_file():
-        raise FileNotFoundError(f"model file {path} does not exist")
+        raise UsageError(f"model file {path} does not exist")
     return path
 
 
@@ -70,7 +71,7 @@ def _extra_files(path: Path) -> dict[str, bytes]:
         with zipfile.ZipFile(path) as archive:
             return {m.group(1): archive.read(name) for name in archive.namelist() if (m := _EXTRA.match(name))}
     except zipfile.BadZipFile as error:
-        raise ValueError(f"{path} is not a TorchScript file ({error})") from error
+        raise UsageError(f"{path} is not a TorchScript file ({error})") from error
 
 
 def embedded_metadata(path: Path | str) -> dict[str, Any] | None:
@@ -99,12 +100,12 @@ def settings_from_model(path: Path | str, slice_batch_size: int | None = None) -
         slice_batch_size: Overrides the batch size of the embedded config when given.
 
     Raises:
-        ValueError: Without an embedded ``inference.json``, or when two embedded presets set one setting to
+        UsageError: Without an embedded ``inference.json``, or when two embedded presets set one setting to
             different values.
     """
     configs = embedded_configs(path)
     if not configs or configs[0][0] != _MAIN_CONFIG:
-        raise ValueError(
+        raise UsageError(
             f"{path} carries no inference.json: export it with `python -m monai.bundle ckpt_export` and "
             "--config_file naming configs/inference.yaml and the preset it was trained with"
         )
@@ -113,7 +114,7 @@ def settings_from_model(path: Path | str, slice_batch_size: int | None = None) -
     for name, config in configs[1:]:
         for key, value in config.items():
             if key in set_by and merged[key] != value:
-                raise ValueError(f"{path}: embedded {set_by[key]} and {name} disagree on {key!r}")
+                raise UsageError(f"{path}: embedded {set_by[key]} and {name} disagree on {key!r}")
             merged[key], set_by[key] = value, name
     if slice_batch_size is not None:
         merged["batch_size"] = slice_batch_size
@@ -135,7 +136,7 @@ def _check_against_model(path: Path, settings: InferenceSettings) -> None:
     ]
     if differences:
         presets = ", ".join(name for name, _ in embedded_configs(path))
-        raise ValueError(
+        raise UsageError(
             f"model {path} was exported with {'; '.join(differences)} (embedded configs: {presets}); add the preset "
             "it was exported with to --config_file"
         )
@@ -154,7 +155,7 @@ def inference_network(
         settings: The run's settings, checked against those embedded in a ``.ts`` file.
 
     Raises:
-        ValueError: When a ``.ts`` file was exported with other preprocessing settings than the run's.
+        UsageError: When a ``.ts`` file was exported with other preprocessing settings than the run's.
     """
     path = Path(model_file)
     if path.suffix == ".ts":
@@ -162,5 +163,5 @@ def inference_network(
         logger.info(f"running TorchScript model {path}")
         return load_torchscript(path, device)
     if network_def is None:
-        raise ValueError(f"model file {path} is a checkpoint; the config's network_def is needed to load it")
+        raise UsageError(f"model file {path} is a checkpoint; the config's network_def is needed to load it")
     return network_def.to(device)
