@@ -1,6 +1,7 @@
 """Compare the latest multi-task pipeline with the single-task baselines, from their MLflow runs.
 
     python scripts/compare_runs.py [--tracking-uri URI] [--experiment NAME] [--out-dir DIR] [--split S] [--seeds]
+                                   [--run ID_OR_NAME ...]
 
 For each variant (multitask, baseline_seg, baseline_cls) it takes the newest finished pipeline run of the
 experiment and reads what training and evaluate.yaml logged into it: per-patient Dice, HD95, AUC, accuracy and F1 of
@@ -9,9 +10,10 @@ training time and inference latency (where logged). It prints them side by side 
 marked, writes comparison.json and comparison.png to DIR, and logs both into the multi-task run under
 ``comparison/``. A column a model has no task for shows "-".
 
-``--seeds`` takes the newest finished run of every seed instead (e.g. the store of scripts/seed_study.py): each cell
-is the mean over the seeds with their range [min-max] beside it, so that a difference between models can be read
-against how much the seed alone moves it.
+``--run`` names a pipeline run (its id or its name, as the MLflow UI shows them) to show in place of its variant's
+newest, e.g. an earlier multi-task run beside today's baselines. ``--seeds`` takes the newest finished run of every
+seed instead (e.g. the store of scripts/seed_study.py): each cell is the mean over the seeds with their range
+[min-max] beside it, so that a difference between models can be read against how much the seed alone moves it.
 
 The store defaults to the bundle's (``MLFLOW_TRACKING_URI`` if set, else ``bundle/mlruns/mlflow.db``).
 """
@@ -70,6 +72,15 @@ def finished_pipeline_runs(client, experiment_id: str, per_seed: bool = False) -
         if variant in VARIANTS:
             latest.setdefault(variant, {}).setdefault(seed, run)
     return {variant: list(latest[variant].values()) for variant in VARIANTS if variant in latest}
+
+
+def named_run(client, experiment_id: str, wanted: str):
+    """The pipeline run with this run id or run name (the newest of that name), or None."""
+    found = client.search_runs(
+        [experiment_id], filter_string="tags.kind = 'pipeline'", order_by=["attributes.start_time DESC"],
+        max_results=1000,
+    )  # fmt: skip
+    return next((run for run in found if wanted in (run.info.run_id, run.info.run_name)), None)
 
 
 def parameters_of(client, run) -> float | None:
@@ -182,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bundle" / "eval", help="for the JSON and PNG")
     parser.add_argument("--split", default="test", choices=["test", "validation"], help="the evaluation to compare")
     parser.add_argument("--seeds", action="store_true", help="every seed's newest run: mean and range over seeds")
+    parser.add_argument(
+        "--run", action="append", default=[], metavar="ID_OR_NAME",
+        help="a pipeline run to show instead of its variant's newest (run id or run name; repeat for each model)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     from mlflow.tracking import MlflowClient
@@ -193,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"No experiment {args.experiment!r} in {uri}: train with tracking on first.", file=sys.stderr)
         return 1
     runs = finished_pipeline_runs(client, experiment.experiment_id, per_seed=args.seeds)
+    for wanted in args.run:
+        run = named_run(client, experiment.experiment_id, wanted)
+        if run is None:
+            print(f"No pipeline run with id or name {wanted!r} in experiment {args.experiment!r}.", file=sys.stderr)
+            return 1
+        runs[run.data.tags["variant"]] = [run]
     if not runs:
         print(f"No finished pipeline run in experiment {args.experiment!r} at {uri}.", file=sys.stderr)
         return 1

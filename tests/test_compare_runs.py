@@ -57,3 +57,15 @@ def test_seeds_give_the_mean_and_range_of_each_models_newest_runs(tmp_path: Path
     table = json.loads((tmp_path / "comparison.json").read_text())
     assert table["models"]["multitask"]["validation_brats_patient_dice_mean"] == 0.84
     assert "validation_brats_patient_dice_mean_range" not in table["models"]["multitask"]
+
+    # --run names an older run (by name) in place of its variant's newest; an unknown one is an error.
+    old = next(
+        r for r in MlflowClient(uri).search_runs(["1"]) if r.data.metrics["validation_brats_patient_dice_mean"] == 0.10
+    )
+    run_cli([sys.executable, "scripts/compare_runs.py", *args, "--run", old.info.run_id])
+    assert json.loads((tmp_path / "comparison.json").read_text())["runs"]["multitask"] == old.info.run_id
+    run_cli([sys.executable, "scripts/compare_runs.py", *args, "--run", "baseline_seg seed 0"])
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert table["models"]["baseline_seg"]["validation_brats_patient_dice_mean"] == 0.81
+    missing = run_cli([sys.executable, "scripts/compare_runs.py", *args, "--run", "nope"], check=False)
+    assert missing.returncode == 1 and "No pipeline run with id or name 'nope'" in missing.stderr
