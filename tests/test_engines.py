@@ -133,3 +133,36 @@ def test_only_a_stage_that_trains_both_tasks_accumulates_its_cycle() -> None:
     assert batches_per_step(loader, ("cls",)) == 1
     assert batches_per_step(brats, ("seg", "cls")) == 1, "BraTS alone: nothing to accumulate"
     assert batches_per_step(AlternatingLoader(brats, [], kaggle_steps=3), ("seg", "cls")) == 1
+
+
+def test_the_weight_average_is_validated_and_training_goes_on_from_the_networks_own_weights() -> None:
+    from ignite.engine import Engine, Events
+
+    from scripts.handlers import WeightAverage
+
+    torch.manual_seed(0)
+    model = create_multi_task_model(base_filters=4, depth=2, num_domains=2, cls_dropout=0.0)
+    seen: list[torch.Tensor] = []
+    validator = Engine(lambda engine, batch: seen.append(model.cls_head.mlp[-1].weight.detach().clone()))
+    average = WeightAverage(model, validator, decay=0.5, every=2)
+
+    def step(engine: Engine, batch: int) -> None:
+        with torch.no_grad():
+            if engine.state.iteration % 2 == 0:  # one optimizer update every second iteration
+                for parameter in model.parameters():
+                    parameter.add_(1.0)
+
+    trainer = Engine(step)
+    average.attach(trainer)
+    start = model.cls_head.mlp[-1].weight.detach().clone()
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda _: validator.run([0]))
+    trainer.run(range(4), max_epochs=1)
+    # Updates of +1 at iterations 2 and 4, averaged after each: the first copies (start + 1), the second halves
+    # the way to start + 2: the validator saw start + 1.5, and the network kept its own start + 2.
+    torch.testing.assert_close(seen[0], start + 1.5)
+    torch.testing.assert_close(model.cls_head.mlp[-1].weight.detach(), start + 2)
+    # The average survives a resume through the stage's checkpoint.
+    restored = WeightAverage(model, Engine(lambda e, b: None), decay=0.5, every=2)
+    restored.load_state_dict(average.state_dict())
+    torch.testing.assert_close(restored.average.module.cls_head.mlp[-1].weight, start + 1.5)
+    assert WeightAverage(model, validator, decay=0.0).state_dict() == {}, "decay 0: no average at all"

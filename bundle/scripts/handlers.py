@@ -14,6 +14,7 @@ import torch
 from ignite.engine import Events
 from monai.handlers import CheckpointSaver
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .engines import estimate_domain_statistics
 from .stages import epoch_checkpoints
@@ -168,3 +169,55 @@ class DomainStatistics:
 
     def __call__(self, engine: Any) -> None:
         estimate_domain_statistics(self.network, self.loader, self.source)
+
+
+class WeightAverage:
+    """An exponential moving average of the weights (``torch.optim.swa_utils``), which the stage's validation scores
+    and its best checkpoint keeps; MONAI has no such handler.
+
+    After each optimizer update the average moves ``1 - decay`` of the way to the network's new weights and
+    BatchNorm statistics. The validator runs on the average: the network holds it from the validator's start to its
+    end (after the best checkpoint is saved), then gets its own weights back and training goes on from them. The
+    average smooths the step-to-step noise of fine-tuning, so the validation curve and the saved model depend less
+    on which update happened to end an epoch.
+
+    Args:
+        network: the trained network (unwrapped from DistributedDataParallel).
+        validator: the stage's evaluator.
+        decay: weight of the old average at each update; 0 turns averaging off (the handler does nothing).
+        every: trainer iterations per optimizer update (the trainer's ``accumulation_steps``).
+    """
+
+    def __init__(self, network: nn.Module, validator: Any, decay: float = 0.0, every: int = 1) -> None:
+        self.network, self.validator, self.every = network, validator, int(every)
+        average = decay > 0
+        self.average = (
+            AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if average else None
+        )
+        self._own: dict[str, torch.Tensor] | None = None
+
+    def attach(self, trainer: Any) -> None:
+        if self.average is None:
+            return
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self.update)
+        self.validator.add_event_handler(Events.STARTED, self.swap_in)
+        self.validator.add_event_handler(Events.COMPLETED, self.swap_out)
+
+    def update(self, _: Any = None) -> None:
+        self.average.update_parameters(self.network)
+
+    def swap_in(self, _: Any = None) -> None:
+        self._own = {key: value.detach().clone() for key, value in self.network.state_dict().items()}
+        self.network.load_state_dict(self.average.module.state_dict())
+
+    def swap_out(self, _: Any = None) -> None:
+        if self._own is not None:
+            self.network.load_state_dict(self._own)
+            self._own = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self.average is None else self.average.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.average is not None and state:
+            self.average.load_state_dict(state)
