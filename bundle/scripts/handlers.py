@@ -190,7 +190,7 @@ class WeightAverage:
 
     def __init__(self, network: nn.Module, validator: Any, decay: float = 0.0, every: int = 1) -> None:
         self.network, self.validator, self.every = network, validator, int(every)
-        average = decay > 0
+        average = float(decay) > 0
         self.average = (
             AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True) if average else None
         )
