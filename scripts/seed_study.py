@@ -80,17 +80,17 @@ def train_and_evaluate(seed: int, args: argparse.Namespace, tracking_uri: str) -
         reuse(args.reuse / seed_dir.name, seed_dir)
     # Baselines with validation results (reused from an earlier study) are not trained again.
     to_train = [b for b in BASELINES if not (seed_dir / "eval" / b / "metrics.json").is_file()]
-    baselines = [bundle_command([TRAIN, args.preset, f"configs/{b}.yaml"], *common) for b in to_train]
+    baselines = [bundle_command([TRAIN, *args.preset, f"configs/{b}.yaml"], *common) for b in to_train]
     # The baselines run one after the other in a shell of their own, beside the pipeline (as scripts/demo.sh does).
     script = " && ".join(shlex.join(command) for command in baselines) or "true"
     side = run_logged(["bash", "-c", script], logs / "baselines.log", env)
-    pipeline = run_logged(bundle_command([TRAIN, args.preset], *common, *args.overrides), logs / "multitask.log", env)
+    pipeline = run_logged(bundle_command([TRAIN, *args.preset], *common, *args.overrides), logs / "multitask.log", env)
     wait_for(pipeline, logs / "multitask.log")
     wait_for(side, logs / "baselines.log")
     for variant, extra in [("multitask", []), *((b, [f"configs/{b}.yaml"]) for b in to_train)]:
         overrides = [*common, "--eval_split", "validation"] + (args.overrides if variant == "multitask" else [])
         log = logs / f"evaluate_{variant}.log"
-        wait_for(run_logged(bundle_command([TRAIN, EVALUATE, args.preset, *extra], *overrides), log, env), log)
+        wait_for(run_logged(bundle_command([TRAIN, EVALUATE, *args.preset, *extra], *overrides), log, env), log)
     return seed_dir
 
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset_dir", type=Path, required=True, help="what scripts/prepare_data.py wrote")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--preset", default="configs/demo.yaml")
+    parser.add_argument("--preset", nargs="+", default=["configs/demo.yaml"], help="preset(s) over train.yaml")
     parser.add_argument("--out", type=Path, default=Path("study/seeds"))
     parser.add_argument(
         "--reuse", type=Path, help="an earlier study (same data, preset and seeds) whose stages 1-2 and baselines "
