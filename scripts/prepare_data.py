@@ -36,19 +36,14 @@ if str(REPO_ROOT / "bundle") not in sys.path:
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from scripts.data import PRESET_SIZES, duplicates, images, splits  # noqa: E402
+from scripts.data import OPTIONS_FILE, PRESET_SIZES, duplicates, images, splits  # noqa: E402
 from scripts.data.volumes import MODALITIES, DataError, VolumeCase, check_case, detect_layout, find_cases  # noqa: E402
 from scripts.data.volumes import load_case as load_volume_case  # noqa: E402
 
 # Bumped whenever the preprocessing changes what is written, so an older prepared folder is rebuilt, not reused.
 PREPARE_VERSION = 1
 DATALIST_KEYS = tuple(f"{source}_{split}" for source in ("brats", "kaggle") for split in splits.SPLITS)
-OPTIONS_FILE, SUMMARY_FILE, DATALIST_FILE, PATIENTS_FILE = (
-    "prepare_options.json",
-    "summary.json",
-    "datalist.json",
-    "patients.json",
-)
+SUMMARY_FILE, DATALIST_FILE, PATIENTS_FILE = "summary.json", "datalist.json", "patients.json"
 # Audit file (not read by the bundle): every duplicate group with its members and where each one went.
 DUPLICATES_FILE = "duplicates.json"
 # Largest finite float16; z-scored intensities sit far below it, the clip only guards against a corrupt outlier.

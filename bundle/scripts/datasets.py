@@ -12,12 +12,11 @@ from typing import Any
 from monai.data import CacheDataset, Dataset, PersistentDataset, get_track_meta, set_track_meta
 from monai.transforms import Compose
 
-from .data import PRESET_SIZES
+from .data import OPTIONS_FILE, PRESET_SIZES
 from .errors import UsageError
 
 CACHE_MODES = ("memory", "disk", "none")
 PATH_KEYS = ("image", "label")
-OPTIONS_FILE = "prepare_options.json"  # what scripts/prepare_data.py was asked for
 
 
 def check_prepared(dataset_dir: str | os.PathLike, image_size: int, in_channels: int) -> None:
@@ -60,8 +59,8 @@ def load_datalist(datalist_path: str | os.PathLike, key: str, base_dir: str | os
     that happens to name an existing path: a ``"source": "brats"`` field becomes ``<dataset_dir>/brats``.
 
     Raises:
-        FileNotFoundError: the datalist does not exist (with the command that writes it).
-        KeyError: the datalist has no list under ``key``.
+        UsageError: the datalist does not exist (with the command that writes it), or it has no list under
+            ``key``.
     """
     if not os.path.isfile(datalist_path):
         raise UsageError(
