@@ -41,7 +41,8 @@ from scripts.data.volumes import MODALITIES, DataError, VolumeCase, check_case, 
 from scripts.data.volumes import load_case as load_volume_case  # noqa: E402
 
 # Bumped whenever the preprocessing changes what is written, so an older prepared folder is rebuilt, not reused.
-PREPARE_VERSION = 1
+# 2: BraTS split by subject (all timepoints of a BraTS 2023+ subject in one split); "subject" recorded per case.
+PREPARE_VERSION = 2
 DATALIST_KEYS = tuple(f"{source}_{split}" for source in ("brats", "kaggle") for split in splits.SPLITS)
 SUMMARY_FILE, DATALIST_FILE, PATIENTS_FILE = "summary.json", "datalist.json", "patients.json"
 # Audit file (not read by the bundle): every duplicate group with its members and where each one went.
@@ -133,7 +134,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         help="tumour pixels (at the prepared --size) a slice needs to be labelled tumour (cls 1)",
     )
     parser.add_argument(
-        "--split", type=float, nargs=3, default=list(splits.DEFAULT_FRACTIONS), metavar=("TRAIN", "VAL", "TEST")
+        "--split",
+        type=float,
+        nargs=3,
+        default=list(splits.DEFAULT_FRACTIONS),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="BraTS shares of subjects (every timepoint of a subject goes to the same split)",
     )
     parser.add_argument(
         "--kaggle-val-fraction",
@@ -440,7 +446,7 @@ def prepare_case(task: CaseTask) -> dict[str, Any] | str:
 def prepare_brats(
     options: Options, plan: Plan, partial: Path, timings: dict[str, float]
 ) -> tuple[dict[str, list], dict[str, Any], dict]:
-    """Slice every labelled case and split by patient.
+    """Slice every labelled case and split by subject (all timepoints of a subject in one split).
 
     Returns:
         The three BraTS datalists, patients.json's content and the BraTS part of the summary.
@@ -458,11 +464,13 @@ def prepare_brats(
         raise PreflightError(errors)
     timings["brats_s"] = time.perf_counter() - started
     timings["brats_per_case_s"] = timings["brats_s"] / max(1, len(tasks))
-    split_of = splits.split_patients([r["case_id"] for r in results], options.split, options.seed)
+    split_of = splits.split_cases([r["case_id"] for r in results], options.split, options.seed)
     lists: dict[str, list] = {f"brats_{split}": [] for split in splits.SPLITS}
     patients: dict[str, Any] = {}
     for result in sorted(results, key=lambda r: r["case_id"]):
         case_id, split = result["case_id"], split_of[result["case_id"]]
+        # Recorded with every slice, so that later groupings (folds) can keep a subject's timepoints together too.
+        subject = splits.subject_of(case_id)
         for record in sorted(result["slices"], key=lambda r: r["z"]):
             stem = f"brats/{case_id}/z{record['z']:03d}"
             lists[f"brats_{split}"].append(
@@ -471,12 +479,14 @@ def prepare_brats(
                     "label": f"{stem}_label.npy",
                     "cls": slice_label(record["tumour_pixels"], options.min_tumour_pixels),
                     "patient": case_id,
+                    "subject": subject,
                     "slice": record["z"],
                     "source": "brats",
                 }
             )
         patients[case_id] = {
             "split": split,
+            "subject": subject,
             "layout": plan.layout,
             "case_dir": result["case_dir"],
             "original_shape": result["original_shape"],
@@ -494,14 +504,18 @@ def _brats_summary(plan: Plan, lists: dict[str, list], patients: dict[str, Any])
         entries = lists[f"brats_{split}"]
         tumour = sum(entry["cls"] for entry in entries)
         per_split[split] = {
+            "subjects": len({record["subject"] for record in patients.values() if record["split"] == split}),
             "patients": sum(1 for record in patients.values() if record["split"] == split),
             "slices": len(entries),
             "tumour_slices": tumour,
             "tumour_fraction": round(tumour / len(entries), 4) if entries else None,
         }
+    cases_per_subject = Counter(record["subject"] for record in patients.values())
     return {
         "layout": plan.layout,
         "cases": len(patients),
+        "subjects": len(cases_per_subject),
+        "subjects_with_several_timepoints": sum(count > 1 for count in cases_per_subject.values()),
         "splits": per_split,
         "slices_total": sum(record["slices_total"] for record in patients.values()),
         "slices_dropped_little_brain": sum(
@@ -680,11 +694,18 @@ def _kaggle_summary(
 
 
 def check_no_leakage(datalist: dict[str, list]) -> None:
-    """No patient and no duplicate group may appear in two splits (checked on the lists about to be written)."""
-    for source, key in (("brats", "patient"), ("kaggle", "group")):
+    """No BraTS case or subject and no Kaggle duplicate group may appear in two splits.
+
+    Checked on the lists about to be written. The subject check is the one that catches two timepoints of one
+    person on both sides; the case check guards the slices of a single scan.
+    """
+    for source, key, what in (
+        ("brats", "patient", "patient"),
+        ("brats", "subject", "subject"),
+        ("kaggle", "group", "duplicate group"),
+    ):
         splits.check_disjoint(
-            {split: [entry[key] for entry in datalist[f"{source}_{split}"]] for split in splits.SPLITS},
-            "patient" if key == "patient" else "duplicate group",
+            {split: [entry[key] for entry in datalist[f"{source}_{split}"]] for split in splits.SPLITS}, what
         )
 
 
@@ -746,11 +767,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"Prepared data: {summary['output']}"]
     brats = summary.get("brats")
     if brats:
-        lines += ["", f"BraTS ({brats['layout']}, {brats['cases']} labelled cases)"]
-        lines.append(f"  {'split':<11}{'patients':>9}{'slices':>9}{'tumour':>9}{'tumour %':>10}")
+        lines += ["", f"BraTS ({brats['layout']}, {brats['cases']} labelled cases of {brats['subjects']} subjects)"]
+        lines.append(f"  {'split':<11}{'subjects':>9}{'cases':>9}{'slices':>9}{'tumour':>9}{'tumour %':>10}")
         for split, row in brats["splits"].items():
             fraction = "-" if row["tumour_fraction"] is None else f"{100 * row['tumour_fraction']:.1f}"
-            lines.append(f"  {split:<11}{row['patients']:>9}{row['slices']:>9}{row['tumour_slices']:>9}{fraction:>10}")
+            counts = f"{row['subjects']:>9}{row['patients']:>9}{row['slices']:>9}{row['tumour_slices']:>9}"
+            lines.append(f"  {split:<11}{counts}{fraction:>10}")
+        if brats["subjects_with_several_timepoints"]:
+            lines.append(
+                f"  subjects with several timepoints: {brats['subjects_with_several_timepoints']} "
+                "(each kept whole in one split)"
+            )
         lines.append(
             f"  slices dropped (brain fraction below threshold): {brats['slices_dropped_little_brain']} of "
             f"{brats['slices_total']}; tumour pixels in them: {brats['tumour_pixels_dropped']}"

@@ -175,6 +175,116 @@ def test_small_patient_counts(count: int, expected: tuple[int, int, int]) -> Non
     assert (counts["training"], counts["validation"], counts["test"]) == expected
 
 
+# Ten cases named by the pattern, numbered from its first value, and the held-out cases of the split the code before
+# subject grouping (commit 5301ccf) gave them for the seed; every other case went to training.
+SPLITS_BEFORE_SUBJECTS = {
+    ("BraTS2021_{:05d}", 0, 0): {
+        "BraTS2021_00002": "test",
+        "BraTS2021_00004": "validation",
+        "BraTS2021_00006": "validation",
+        "BraTS2021_00007": "test",
+    },
+    ("BraTS-GLI-{:05d}-000", 0, 0): {
+        "BraTS-GLI-00002-000": "test",
+        "BraTS-GLI-00004-000": "validation",
+        "BraTS-GLI-00006-000": "validation",
+        "BraTS-GLI-00007-000": "test",
+    },
+    ("BRATS_{:03d}", 1, 5): {
+        "BRATS_002": "test",
+        "BRATS_004": "test",
+        "BRATS_007": "validation",
+        "BRATS_008": "validation",
+    },
+}
+
+
+@pytest.mark.parametrize(("pattern", "first", "seed"), sorted(SPLITS_BEFORE_SUBJECTS))
+def test_datasets_without_timepoints_split_exactly_as_before(pattern: str, first: int, seed: int) -> None:
+    cases = [pattern.format(number) for number in range(first, first + 10)]
+    held_out = SPLITS_BEFORE_SUBJECTS[pattern, first, seed]
+    assert splits.split_cases(cases, seed=seed) == {case: held_out.get(case, "training") for case in cases}
+
+
+def test_one_timepoint_per_subject_gives_the_case_level_split() -> None:
+    """BraTS 2023 sets where every subject has one scan split as the case names always did, for any seed."""
+    cases = [f"BraTS-GLI-{i:05d}-000" for i in range(0, 90, 3)]
+    for seed in range(20):
+        assert splits.split_cases(cases, seed=seed) == splits.split_patients(cases, seed=seed)
+
+
+@pytest.mark.parametrize(
+    ("case", "subject"),
+    [
+        ("BraTS-GLI-00000-000", "BraTS-GLI-00000"),
+        ("BraTS-GLI-00000-001", "BraTS-GLI-00000"),
+        ("BraTS-GLI-01234-102", "BraTS-GLI-01234"),
+        ("BraTS-MEN-00012-002", "BraTS-MEN-00012"),
+        ("BraTS-SSA-00041-000", "BraTS-SSA-00041"),
+        ("BraTS-PED-00001-000", "BraTS-PED-00001"),
+        ("BraTS-MET-00086-001", "BraTS-MET-00086"),
+        ("BraTS-MEN-RT-0010-1", "BraTS-MEN-RT-0010"),
+        # One case per subject: the name is the subject.
+        ("BraTS20_Training_001", "BraTS20_Training_001"),
+        ("BraTS20_Validation_001", "BraTS20_Validation_001"),
+        ("BraTS2021_00000", "BraTS2021_00000"),
+        ("BRATS_001", "BRATS_001"),
+        ("BraTS-GLI-00000", "BraTS-GLI-00000"),
+    ],
+)
+def test_subject_is_read_from_the_case_name(case: str, subject: str) -> None:
+    assert splits.subject_of(case) == subject
+
+
+def test_group_by_subject_collects_every_timepoint_and_keeps_cohorts_apart() -> None:
+    cases = ["BraTS-GLI-00002-001", "BraTS-MEN-00002-000", "BraTS-GLI-00000-000", "BraTS-GLI-00002-000"]
+    assert splits.group_by_subject([*cases, cases[0]]) == {
+        "BraTS-GLI-00000": ["BraTS-GLI-00000-000"],
+        "BraTS-GLI-00002": ["BraTS-GLI-00002-000", "BraTS-GLI-00002-001"],
+        "BraTS-MEN-00002": ["BraTS-MEN-00002-000"],
+    }
+    assert splits.group_by_subject(["BraTS2021_00001", "BraTS2021_00000"]) == {
+        "BraTS2021_00000": ["BraTS2021_00000"],
+        "BraTS2021_00001": ["BraTS2021_00001"],
+    }
+
+
+def timepoint_cases(subjects: int, seed: int = 0) -> dict[str, list[str]]:
+    """Subject -> its cases: one to three timepoints each, as in a longitudinal BraTS 2023+ cohort."""
+    counts = np.random.default_rng(seed).integers(1, 4, subjects)
+    return {
+        f"BraTS-GLI-{i:05d}": [f"BraTS-GLI-{i:05d}-{t:03d}" for t in range(count)] for i, count in enumerate(counts)
+    }
+
+
+def split_of_subjects(assignment: dict[str, str], subjects: dict[str, list[str]]) -> dict[str, set[str]]:
+    return {subject: {assignment[case] for case in cases} for subject, cases in subjects.items()}
+
+
+def test_every_timepoint_of_a_subject_lands_in_one_split() -> None:
+    subjects = timepoint_cases(20)
+    cases = [case for group in subjects.values() for case in group]
+    assert len(cases) > 30
+    for seed in range(10):
+        assignment = splits.split_cases(cases, seed=seed)
+        assert set(assignment) == set(cases)
+        found = split_of_subjects(assignment, subjects)
+        assert all(len(split_names) == 1 for split_names in found.values()), seed
+        # The fractions are shares of subjects, not of cases.
+        counts = Counter(split_names.pop() for split_names in found.values())
+        assert counts == {"training": 14, "validation": 3, "test": 3}
+    # The data can catch the fault: splitting cases one by one tears subjects apart.
+    case_level = [split_of_subjects(splits.split_patients(cases, seed=seed), subjects) for seed in range(10)]
+    assert all(any(len(split_names) > 1 for split_names in found.values()) for found in case_level)
+
+
+def test_subject_split_is_deterministic_and_order_free() -> None:
+    cases = [case for group in timepoint_cases(20, seed=1).values() for case in group]
+    first = splits.split_cases(cases, seed=3)
+    assert first == splits.split_cases(list(reversed(cases)), seed=3)
+    assert first != splits.split_cases(cases, seed=4)
+
+
 def test_zero_fraction_is_respected_and_bad_fractions_fail() -> None:
     assignment = splits.split_patients([f"p{i}" for i in range(10)], fractions=(0.8, 0.0, 0.2))
     assert "validation" not in assignment.values()
@@ -239,3 +349,9 @@ def test_check_disjoint_names_the_crossing_member() -> None:
     splits.check_disjoint({"training": ["a", "b", "b"], "test": ["c"]}, "patient")
     with pytest.raises(splits.LeakageError, match="patient b in training and test"):
         splits.check_disjoint({"training": ["a", "b"], "test": ["b"]}, "patient")
+    # Two timepoints of one subject: distinct cases, one subject.
+    cases = {"training": ["BraTS-GLI-00001-000"], "test": ["BraTS-GLI-00001-001"]}
+    splits.check_disjoint(cases, "patient")
+    subjects = {split: [splits.subject_of(case) for case in names] for split, names in cases.items()}
+    with pytest.raises(splits.LeakageError, match="subject BraTS-GLI-00001 in training and test"):
+        splits.check_disjoint(subjects, "subject")

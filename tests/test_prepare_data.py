@@ -26,10 +26,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 PREPARE = REPO_ROOT / "scripts" / "prepare_data.py"
 SIZE = 64
 CLASS4 = {"glioma": 0, "meningioma": 1, "notumor": 2, "pituitary": 3}
-BRATS_FIELDS = {"image", "label", "cls", "patient", "slice", "source"}
+BRATS_FIELDS = {"image", "label", "cls", "patient", "subject", "slice", "source"}
 KAGGLE_FIELDS = {"image", "cls", "cls4", "group", "source", "original"}
 PATIENT_FIELDS = {
     "split",
+    "subject",
     "layout",
     "case_dir",
     "original_shape",
@@ -202,6 +203,9 @@ def test_patients_record_their_split_and_slices(prepared: dict[str, Any], inputs
         assert record["slices_kept"] == [entry["slice"] for entry in entries if entry["patient"] == patient]
         assert record["layout"] == "brats2021" and len(record["original_shape"]) == 3
         assert Path(record["case_dir"]).name == patient
+        # BraTS 2021 has one scan per person: each case is its own subject.
+        assert record["subject"] == patient
+        assert {entry["subject"] for entry in entries if entry["patient"] == patient} == {patient}
 
 
 def test_kaggle_arrays_and_labels(prepared: dict[str, Any]) -> None:
@@ -236,6 +240,8 @@ def test_only_referenced_arrays_are_written(prepared: dict[str, Any]) -> None:
 def test_summary_is_printed_and_written(prepared: dict[str, Any]) -> None:
     summary = read_json(prepared["out"] / "summary.json")
     assert summary["brats"]["splits"]["training"]["patients"] >= 1
+    assert summary["brats"]["subjects"] == summary["brats"]["cases"]
+    assert summary["brats"]["subjects_with_several_timepoints"] == 0
     assert summary["kaggle"]["splits"]["test"]["cls4"].keys() == CLASS4.keys()
     assert summary["options"]["size"] == SIZE
     assert {"preflight_s", "brats_s", "kaggle_images_s", "duplicates_s", "total_s"} <= summary["timings_s"].keys()
@@ -262,7 +268,7 @@ def test_the_suggested_training_command_pairs_the_slice_size_with_its_preset(tmp
 
 def test_no_patient_or_duplicate_group_crosses_splits(prepared: dict[str, Any]) -> None:
     datalist = prepared["datalist"]
-    for source, key in (("brats", "patient"), ("kaggle", "group")):
+    for source, key in (("brats", "patient"), ("brats", "subject"), ("kaggle", "group")):
         seen: dict[str, str] = {}
         for split in ("training", "validation", "test"):
             for entry in datalist[f"{source}_{split}"]:
@@ -318,6 +324,118 @@ def test_split_is_deterministic_for_a_seed(
     assert read_json(tmp_path / "same" / "datalist.json") == prepared["datalist"]
     assert run_main(capsys, *sources, "--out", str(tmp_path / "other"), "--seed", "3")[0] == 0
     assert read_json(tmp_path / "other" / "datalist.json") != prepared["datalist"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Subjects scanned at several timepoints (BraTS 2023 naming: BraTS-GLI-<subject>-<timepoint>)
+
+
+def add_timepoint(brats: Path, case_id: str, timepoint: int) -> str:
+    """Another scan of the subject of ``case_id``: the case's NIfTI files copied under the new case's exact names.
+
+    Only the names tell timepoints apart in the split; the voxels are the generator's, so the case prepares as well
+    as the one it copies.
+    """
+    new_id = f"{case_id.rsplit('-', 1)[0]}-{timepoint:03d}"
+    (brats / new_id).mkdir()
+    for path in (brats / case_id).iterdir():
+        shutil.copy2(path, brats / new_id / path.name.replace(case_id, new_id))
+    return new_id
+
+
+def subjects_of(cases: list[str]) -> dict[str, list[str]]:
+    """Subject -> cases, read from the names as the BraTS 2023 convention defines them (not by the code under test)."""
+    subjects: dict[str, list[str]] = defaultdict(list)
+    for case in sorted(cases):
+        subjects[case.rsplit("-", 1)[0]].append(case)
+    return dict(subjects)
+
+
+def torn_subjects(split_of: dict[str, str], subjects: dict[str, list[str]]) -> list[str]:
+    """Subjects whose cases lie in more than one split."""
+    return [subject for subject, cases in subjects.items() if len({split_of[case] for case in cases}) > 1]
+
+
+@pytest.fixture(scope="module")
+def longitudinal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Six generated BraTS 2023 subjects, one scanned three times and one twice (nine cases), prepared by the CLI.
+
+    The seed is one for which splitting case by case would put a subject's timepoints in two splits, so the run
+    shows the grouping, not luck.
+    """
+    root = tmp_path_factory.mktemp("longitudinal")
+    generator = [sys.executable, str(REPO_ROOT / "scripts" / "make_synthetic_data.py"), "--out", str(root / "data")]
+    options = ["--small", "--brats-layout", "brats2023", "--brats-cases", "6", "--kaggle-per-class", "2"]
+    made = subprocess.run([*generator, *options], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    brats = root / "data" / "brats"
+    first, _, third, *_ = sorted(path.name for path in brats.iterdir())
+    added = [add_timepoint(brats, first, 1), add_timepoint(brats, first, 2), add_timepoint(brats, third, 1)]
+    cases = sorted(path.name for path in brats.iterdir())
+    subjects = subjects_of(cases)
+    seed = next(seed for seed in range(100) if torn_subjects(cli.splits.split_patients(cases, seed=seed), subjects))
+    out = root / "prepared"
+    result = run_cli("--brats", str(brats), "--out", str(out), "--size", "32", "--workers", "2", "--seed", str(seed))
+    assert result.returncode == 0, result.stderr
+    return {
+        "out": out,
+        "stdout": result.stdout,
+        "cases": cases,
+        "added": added,
+        "subjects": subjects,
+        "seed": seed,
+        "datalist": read_json(out / "datalist.json"),
+        "patients": read_json(out / "patients.json"),
+        "summary": read_json(out / "summary.json"),
+    }
+
+
+def test_every_timepoint_of_a_subject_lands_in_one_split(longitudinal: dict[str, Any]) -> None:
+    cases, subjects, patients = longitudinal["cases"], longitudinal["subjects"], longitudinal["patients"]
+    assert len(cases) == 9 and sorted(len(group) for group in subjects.values()) == [1, 1, 1, 1, 2, 3]
+    assert set(longitudinal["added"]) <= set(patients)
+    # Case by case, this seed would have torn a subject apart.
+    assert torn_subjects(cli.splits.split_patients(cases, seed=longitudinal["seed"]), subjects)
+
+    assert sorted(patients) == cases
+    assert torn_subjects({case: record["split"] for case, record in patients.items()}, subjects) == []
+    for subject, group in subjects.items():
+        assert all(patients[case]["subject"] == subject for case in group)
+    listed: dict[str, set[str]] = defaultdict(set)
+    for split in ("training", "validation", "test"):
+        for entry in longitudinal["datalist"][f"brats_{split}"]:
+            assert entry["subject"] == entry["patient"].rsplit("-", 1)[0]
+            assert patients[entry["patient"]]["split"] == split
+            listed[entry["subject"]].add(split)
+    assert sorted(listed) == sorted(subjects) and all(len(found) == 1 for found in listed.values())
+
+
+def test_split_fractions_count_subjects_and_the_summary_says_so(longitudinal: dict[str, Any]) -> None:
+    brats = longitudinal["summary"]["brats"]
+    counts = {key: brats[key] for key in ("cases", "subjects", "subjects_with_several_timepoints")}
+    assert brats["layout"] == "brats2023"
+    assert counts == {"cases": 9, "subjects": 6, "subjects_with_several_timepoints": 2}
+    # 0.7 / 0.15 / 0.15 of six subjects, however many scans each has.
+    by_split = {split: row["subjects"] for split, row in brats["splits"].items()}
+    assert by_split == {"training": 4, "validation": 1, "test": 1}
+    assert sum(row["patients"] for row in brats["splits"].values()) == 9
+    stdout = longitudinal["stdout"]
+    assert "9 labelled cases of 6 subjects" in stdout and "subjects with several timepoints: 2" in stdout
+
+
+def test_the_leakage_check_is_keyed_by_subject(longitudinal: dict[str, Any]) -> None:
+    """Moving one timepoint of a subject to another split breaks no case rule, only the subject rule."""
+    datalist = {key: list(entries) for key, entries in longitudinal["datalist"].items()}
+    cli.check_no_leakage(datalist)
+    subject = next(subject for subject, group in longitudinal["subjects"].items() if len(group) == 3)
+    case = longitudinal["subjects"][subject][-1]
+    split = longitudinal["patients"][case]["split"]
+    other = "test" if split != "test" else "training"
+    moved = [entry for entry in datalist[f"brats_{split}"] if entry["patient"] == case]
+    datalist[f"brats_{split}"] = [entry for entry in datalist[f"brats_{split}"] if entry["patient"] != case]
+    datalist[f"brats_{other}"] += moved
+    with pytest.raises(cli.splits.LeakageError, match=f"subject {subject} in "):
+        cli.check_no_leakage(datalist)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

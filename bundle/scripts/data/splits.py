@@ -1,12 +1,16 @@
-"""Training / validation / test splits that never let a patient or a duplicate group cross from one split to another.
+"""Training / validation / test splits that never let a subject or a duplicate group cross from one split to another.
 
-BraTS is split by patient (all slices of a patient stay together). The Kaggle set is split by duplicate group: its
-official Testing folder is the test split, and any group with a copy in Testing goes wholly to test, because the
-published folders share duplicates and a model would otherwise be tested on images it trained on.
+BraTS is split by subject, the person scanned: all slices of a case stay together, and so do all cases (timepoints)
+of one subject. BraTS 2023 and later name a case ``BraTS-GLI-00000-001``: subject ``BraTS-GLI-00000`` at timepoint
+``001``; earlier releases (``BraTS20_Training_001``, ``BraTS2021_00000``) and MSD Task01 (``BRATS_001``) hold one
+case per subject. The Kaggle set is split by duplicate group: its official Testing folder is the test split, and any
+group with a copy in Testing goes wholly to test, because the published folders share duplicates and a model would
+otherwise be tested on images it trained on.
 """
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,8 +23,45 @@ DEFAULT_KAGGLE_VAL_FRACTION = 0.15
 TESTING_FOLDER = "Testing"
 
 
+# BraTS 2023+ case names: "BraTS-" + cohort (GLI, MEN, MET, PED, SSA; BraTS 2024 adds two-part ones such as MEN-RT)
+# + subject number + timepoint number.
+_TIMEPOINT_CASE = re.compile(r"^(?P<subject>BraTS(?:-[A-Za-z]+)+-\d+)-(?P<timepoint>\d+)$")
+
+
 class LeakageError(RuntimeError):
-    """A patient or a duplicate group appears in more than one split."""
+    """A case, a subject or a duplicate group appears in more than one split."""
+
+
+def subject_of(case_id: str) -> str:
+    """The subject (person) a BraTS or MSD case belongs to, read from the case name.
+
+    ``BraTS-GLI-00000-001`` is subject ``BraTS-GLI-00000`` at timepoint ``001``. The cohort stays part of the
+    subject: BraTS numbers each cohort on its own, so ``BraTS-GLI-00002`` and ``BraTS-MEN-00002`` are different
+    people. Names without a timepoint (BraTS 2020 / 2021, MSD Task01) are their own subject.
+
+    Args:
+        case_id: case (folder) name, e.g. ``BraTS-GLI-00000-001``, ``BraTS2021_00000`` or ``BRATS_001``.
+
+    Returns:
+        The subject identifier.
+    """
+    match = _TIMEPOINT_CASE.match(case_id)
+    return match["subject"] if match else case_id
+
+
+def group_by_subject(case_ids: Iterable[str]) -> dict[str, list[str]]:
+    """Collect the cases (timepoints) of each subject.
+
+    Args:
+        case_ids: case names (duplicates are ignored).
+
+    Returns:
+        Subject -> its cases, both sorted by name.
+    """
+    groups: dict[str, list[str]] = defaultdict(list)
+    for case_id in sorted(set(case_ids)):
+        groups[subject_of(case_id)].append(case_id)
+    return dict(sorted(groups.items()))
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
@@ -46,13 +87,14 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
 def split_patients(
     patients: Iterable[str], fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
 ) -> dict[str, str]:
-    """Assign whole patients to training, validation and test.
+    """Assign whole patients (subjects) to training, validation and test.
 
     The order of the input does not matter (patients are sorted first), so the same seed and patient set always give
     the same split. With three or more patients, every split with a non-zero fraction gets at least one patient.
+    :func:`split_cases` calls this with subjects, so that a subject's timepoints stay together.
 
     Args:
-        patients: patient identifiers (unique).
+        patients: patient (subject) identifiers (unique).
         fractions: training, validation and test shares.
         seed: seed of the shuffle.
 
@@ -75,6 +117,28 @@ def split_patients(
     shuffled = [ordered[index] for index in np.random.default_rng(seed).permutation(count)]
     names = ["validation"] * n_val + ["test"] * n_test + ["training"] * (count - n_val - n_test)
     return dict(zip(shuffled, names, strict=True))
+
+
+def split_cases(
+    case_ids: Iterable[str], fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0
+) -> dict[str, str]:
+    """Assign BraTS / MSD cases to training, validation and test, every timepoint of a subject to the same split.
+
+    The fractions are shares of subjects (see :func:`split_patients`). Where each case is its own subject (BraTS
+    2020 / 2021, MSD, BraTS 2023 with one timepoint per subject) the split is the one :func:`split_patients` gives
+    the case names: subjects sort in the same order as their cases, so the shuffle assigns the same places.
+
+    Args:
+        case_ids: case names (see :func:`subject_of`).
+        fractions: training, validation and test shares of the subjects.
+        seed: seed of the shuffle.
+
+    Returns:
+        Case -> split name.
+    """
+    groups = group_by_subject(case_ids)
+    split_of_subject = split_patients(list(groups), fractions, seed)
+    return {case_id: split_of_subject[subject] for subject, cases in groups.items() for case_id in cases}
 
 
 @dataclass(frozen=True)
@@ -175,11 +239,11 @@ def _stratified_validation_groups(group_labels: Mapping[str, int], fraction: flo
 
 
 def check_disjoint(members_by_split: Mapping[str, Iterable[str]], what: str) -> None:
-    """Fail if any identifier (patient or duplicate group) appears in two splits.
+    """Fail if any identifier (case, subject or duplicate group) appears in two splits.
 
     Args:
         members_by_split: split name -> identifiers of the items in it.
-        what: what the identifiers are, for the message (``patient``, ``duplicate group``).
+        what: what the identifiers are, for the message (``patient``, ``subject``, ``duplicate group``).
 
     Raises:
         LeakageError: naming the identifiers and the splits they cross.
