@@ -21,6 +21,7 @@ EVALUATE=bundle/configs/evaluate.yaml
 
 step() { printf '\n==== %s ====\n' "$*"; }
 bundle() { "$PY" -m monai.bundle run --config_file "$1" --bundle_root bundle --dataset_dir "$PREPARED"; }
+train() { "$PY" scripts/train.py --config_file "$1" --bundle_root bundle --dataset_dir "$PREPARED"; }
 
 start=$(date +%s)
 if [ ! -f "$SYNTHETIC/manifest.json" ]; then
@@ -41,7 +42,7 @@ set -m  # the background job gets its own process group, so that it can be stopp
 baselines() {
     for baseline in baseline_seg baseline_cls; do
         echo "==== training the $baseline baseline ===="
-        bundle "['$TRAIN','$PRESET','configs/$baseline.yaml']"
+        train "['$TRAIN','$PRESET','configs/$baseline.yaml']"
     done
 }
 step "training the seg-only and cls-only baselines in the background (log: $LOGS/baselines.log)"
@@ -50,7 +51,7 @@ baselines_pid=$!
 trap 'kill -- -$baselines_pid 2>/dev/null || true' EXIT
 
 step "training the multi-task model: stages 1, 2, 3"
-bundle "['$TRAIN','$PRESET']"
+train "['$TRAIN','$PRESET']"
 step "exporting the multi-task model to TorchScript (bundle/models/model.ts)"
 # MONAI's exporter does not put the bundle root on sys.path as `run` does.
 PYTHONPATH=bundle "$PY" -m monai.bundle ckpt_export network_def --filepath bundle/models/model.ts \

@@ -50,7 +50,7 @@ DUPLICATES_FILE = "duplicates.json"
 # Largest finite float16; z-scored intensities sit far below it, the clip only guards against a corrupt outlier.
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 NEXT_COMMAND = (
-    "python -m monai.bundle run --config_file \"['bundle/configs/train.yaml','{preset}']\" "
+    "python scripts/train.py --config_file \"['bundle/configs/train.yaml','{preset}']\" "
     "--bundle_root bundle --dataset_dir {out}{extra}"
 )
 # Label-conflict groups kept in summary.json and skipped files printed (the counts are always complete).

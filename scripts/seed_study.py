@@ -39,18 +39,20 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
-from scripts.stages import epoch_checkpoints  # noqa: E402
-from scripts.tracking import PARENT_TAG, mlflow_client, read_run_file  # noqa: E402
+from scripts.stage_checkpoints import epoch_checkpoints  # noqa: E402
+from scripts.tracking import PARENT_TAG, find_model_run, mlflow_client  # noqa: E402
 
 TRAIN, EVALUATE = "bundle/configs/train.yaml", "bundle/configs/evaluate.yaml"
+PIPELINE, BUNDLE_RUN = ("scripts/train.py",), ("-m", "monai.bundle", "run")
 EXPERIMENT = "seed_study"
 BASELINES = ("baseline_seg", "baseline_cls")
 MAX_DROP, MAX_SPREAD, AUC_MARGIN = 0.05, 0.03, 0.01
 
 
-def bundle_command(configs: list[str], *overrides: str) -> list[str]:
+def bundle_command(configs: list[str], *overrides: str, script: tuple[str, ...] = BUNDLE_RUN) -> list[str]:
+    """``python -m monai.bundle run`` (or, with ``script=("scripts/train.py",)``, the pipeline) with these configs."""
     files = "[" + ",".join(f"'{config}'" for config in configs) + "]"
-    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", files, "--bundle_root", "bundle", *overrides]
+    return [sys.executable, *script, "--config_file", files, "--bundle_root", "bundle", *overrides]
 
 
 def run_logged(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -80,11 +82,12 @@ def train_and_evaluate(seed: int, args: argparse.Namespace, tracking_uri: str) -
         reuse(args.reuse / seed_dir.name, seed_dir)
     # Baselines with validation results (reused from an earlier study) are not trained again.
     to_train = [b for b in BASELINES if not (seed_dir / "eval" / b / "metrics.json").is_file()]
-    baselines = [bundle_command([TRAIN, *args.preset, f"configs/{b}.yaml"], *common) for b in to_train]
+    baselines = [bundle_command([TRAIN, *args.preset, f"configs/{b}.yaml"], *common, script=PIPELINE) for b in to_train]
     # The baselines run one after the other in a shell of their own, beside the pipeline (as scripts/demo.sh does).
     script = " && ".join(shlex.join(command) for command in baselines) or "true"
     side = run_logged(["bash", "-c", script], logs / "baselines.log", env)
-    pipeline = run_logged(bundle_command([TRAIN, *args.preset], *common, *args.overrides), logs / "multitask.log", env)
+    command = bundle_command([TRAIN, *args.preset], *common, *args.overrides, script=PIPELINE)
+    pipeline = run_logged(command, logs / "multitask.log", env)
     wait_for(pipeline, logs / "multitask.log")
     wait_for(side, logs / "baselines.log")
     for variant, extra in [("multitask", []), *((b, [f"configs/{b}.yaml"]) for b in to_train)]:
@@ -111,7 +114,8 @@ def reuse(source: Path, seed_dir: Path) -> None:
 def stage1_best(seed_dir: Path) -> float:
     """Stage 1's best validation Dice, from its last checkpoint (a reused stage 1 logged it in another store)."""
     last = epoch_checkpoints(seed_dir / "models" / "multitask" / "stage1")[-1]
-    return float(torch.load(last, map_location="cpu", weights_only=True)["best"]["best_metric"])
+    saved = torch.load(last, map_location="cpu", weights_only=True)["best"]["_saved"]  # ignite's (score, file) list
+    return max(float(score) for score, _ in saved)
 
 
 def stage_history(client, parent_run_id: str, experiment_id: str, stage: int, metric: str) -> list[float]:
@@ -132,7 +136,7 @@ def seed_result(seed_dir: Path, tracking_uri: str) -> dict:
     for variant in ("multitask", *BASELINES):
         eval_dir = seed_dir / "eval" / ("" if variant == "multitask" else variant)
         metrics[variant] = json.loads((eval_dir / "metrics.json").read_text())
-    run = client.get_run(read_run_file(seed_dir / "models" / "multitask")["run_id"])
+    run = client.get_run(find_model_run(tracking_uri, EXPERIMENT, seed_dir / "models" / "model.pt"))
     stage3 = stage_history(client, run.info.run_id, run.info.experiment_id, 3, "val_dice")
     return {
         "dice": metrics["multitask"]["brats_patient_dice_mean"],

@@ -50,6 +50,12 @@ def bundle_run(config_files: list[str], *overrides: str, **kwargs) -> subprocess
     return run_cli(bundle_command(config_files, *overrides), **kwargs)
 
 
+def pipeline_run(config_files: list[str], *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``scripts/train.py`` (every stage of the config's pipeline) from the repository root, as the README does."""
+    command = [sys.executable, "scripts/train.py", "--config_file", repr(config_files), "--bundle_root", "bundle"]
+    return run_cli([*command, *overrides], **kwargs)
+
+
 @pytest.fixture(scope="session")
 def synthetic_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic BraTS-2021 and Kaggle data in the real layouts, at the generator's small test size."""
@@ -83,14 +89,14 @@ EVALUATE = "bundle/configs/evaluate.yaml"
 
 @pytest.fixture(scope="session")
 def trained(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
-    """The README's main job, tiny: all three stages through the real CLI (stage 0 runs them in order), the
+    """The README's main job, tiny: all three stages through the real CLI (scripts/train.py runs them in order), the
     test-split evaluation, then both baselines, each evaluated, all tracked into their own sqlite MLflow store."""
     root = tmp_path_factory.mktemp("trained")
     dirs: dict[str, Path | str] = {"ckpt": root / "models", "eval": root / "eval", "data": prepared_small}
     dirs["tracking_uri"] = "sqlite:///" + str(root / "mlruns" / "mlflow.db")
     common = ["--dataset_dir", str(prepared_small), "--ckpt_dir", str(dirs["ckpt"]), "--output_dir", str(dirs["eval"]),
               "--tracking_uri", str(dirs["tracking_uri"])]  # fmt: skip
-    result = bundle_run([TRAIN, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
+    result = pipeline_run([TRAIN, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
     dirs["train_log"] = root / "train.log"
     dirs["train_log"].write_text(result.stdout + result.stderr)
     result = bundle_run([TRAIN, EVALUATE, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
@@ -99,7 +105,7 @@ def trained(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> d
     dirs["model_sha256"] = hashlib.sha256((root / "models" / "model.pt").read_bytes()).hexdigest()
     for variant in ("baseline_seg", "baseline_cls"):
         preset = f"configs/{variant}.yaml"
-        result = bundle_run([TRAIN, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
+        result = pipeline_run([TRAIN, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
         (root / f"{variant}.log").write_text(result.stdout + result.stderr)
         bundle_run([TRAIN, EVALUATE, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
     return dirs

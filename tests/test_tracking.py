@@ -107,6 +107,33 @@ def test_stage_runs_hold_params_metrics_and_artifacts(trained: dict) -> None:
     assert logged.keys() == best.keys() and all(torch.equal(logged[k], best[k]) for k in best)
 
 
+def test_runs_carry_mlflow_models_and_the_prepared_data_as_input(trained: dict) -> None:
+    import mlflow
+
+    from scripts.datasets import data_digest
+
+    uri = trained["tracking_uri"]
+    client = MlflowClient(uri)
+    parent = _pipeline(uri, "multitask")
+    runs = [parent, *_children(uri, parent).values()]
+    models = client.search_logged_models([parent.info.experiment_id])
+    by_run = {model.source_run_id: model for model in models}
+    assert all(run.info.run_id in by_run for run in runs), "every run logged its model (the UI's Models column)"
+    for run in runs:
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert [i.dataset.digest for i in inputs] == [data_digest(trained["data"])[:16]], "the Dataset column"
+        assert inputs[0].dataset.name == Path(trained["data"]).name
+    # The pipeline's MLflow model is the published model.pt, and loads back as a network that runs.
+    mlflow.set_tracking_uri(uri)
+    network = mlflow.pytorch.load_model(f"models:/{by_run[parent.info.run_id].model_id}")
+    published = torch.load(trained["ckpt"] / "model.pt", map_location="cpu")
+    assert all(torch.equal(network.state_dict()[k], published[k]) for k in published)
+    signature = mlflow.models.get_model_info(f"models:/{by_run[parent.info.run_id].model_id}").signature
+    assert signature is not None and "cls" in str(signature.outputs) and "seg" in str(signature.outputs)
+    outputs = network(torch.zeros(2, 1, 32, 32))
+    assert outputs["seg"].shape == (2, 1, 32, 32) and outputs["cls"].shape == (2, 2)
+
+
 def test_evaluation_is_logged_into_the_run_it_evaluates(trained: dict) -> None:
     uri = trained["tracking_uri"]
     client = MlflowClient(uri)

@@ -11,7 +11,7 @@ from conftest import BUNDLE_ROOT
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
-from scripts.datasets import slice_dataset
+from scripts.datasets import cached_dataset
 
 
 def _parser(**overrides) -> ConfigParser:
@@ -36,9 +36,9 @@ def _write_slice(folder: Path, index: int) -> dict:
 def test_training_augmentation_keeps_mask_and_image_aligned(tmp_path: Path) -> None:
     parser = _parser()
     # Every spatial transform always fires; intensity transforms off, so the image stays a scaled copy of the mask.
-    parser["spatial_augmentation#0#prob"] = 1.0
-    parser["spatial_augmentation#2#prob"] = 1.0
-    parser["intensity_augmentation"] = []
+    parser["augmentation#transforms#0#prob"] = 1.0
+    parser["augmentation#transforms#2#prob"] = 1.0
+    parser["augmentation#transforms"] = parser["augmentation#transforms"][:3]  # the spatial ones
     transform = parser.get_parsed_content("train#preprocessing")
     transform.set_random_state(seed=5)
     moved = 0
@@ -70,7 +70,7 @@ def test_kaggle_images_get_the_network_channels(tmp_path: Path) -> None:
 def test_cache_modes_give_the_same_items(mode: str, kind: type, tmp_path: Path) -> None:
     items = [_write_slice(tmp_path, index) for index in range(4)]
     transform = _parser().get_parsed_content("validate#preprocessing")
-    dataset = slice_dataset(items, transform, cache=mode, cache_rate=0.5, cache_dir=str(tmp_path / "cache"))
+    dataset = cached_dataset(items, transform, cache=mode, cache_rate=0.5, cache_dir=str(tmp_path / "cache"))
     assert type(dataset) is kind
     reference = [transform(dict(item)) for item in items]
     for got, expected in zip(dataset, reference, strict=True):
@@ -83,4 +83,4 @@ def test_cache_modes_give_the_same_items(mode: str, kind: type, tmp_path: Path) 
 
 def test_unknown_cache_mode_is_an_error() -> None:
     with pytest.raises(ValueError, match="Unknown cache mode 'ram'"):
-        slice_dataset([], lambda x: x, cache="ram")
+        cached_dataset([], lambda x: x, cache="ram")

@@ -13,7 +13,7 @@ from types import ModuleType
 from .errors import report_user_errors
 
 __all__ = ["data", "datasets", "engines", "errors", "evaluation", "handlers", "inference", "loaders", "losses",
-           "metrics", "networks", "report", "stage_tracking", "stages", "tracking"]  # fmt: skip
+           "metrics", "networks", "report", "stage_checkpoints", "stages", "tracking"]  # fmt: skip
 
 
 def __getattr__(name: str) -> ModuleType:

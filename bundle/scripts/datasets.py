@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -50,6 +51,21 @@ def check_prepared(dataset_dir: str | os.PathLike, image_size: int, in_channels:
                         f"with {in_channels} --modalities")  # fmt: skip
     if problems:
         raise UsageError(f"{dataset_dir} does not fit this config ({path}): " + "; ".join(problems) + ".")
+
+
+def data_digest(dataset_dir: str | os.PathLike) -> str:
+    """The sha256 of a prepared folder's datalist and preparation options: which slices, prepared how.
+
+    Checkpoints record it (a stage never resumes on other data) and MLflow shows it as the runs' input. The slices
+    themselves are not read: scripts/prepare_data.py writes them all-or-nothing, with the two files last.
+    """
+    digest = hashlib.sha256()
+    for name in ("datalist.json", OPTIONS_FILE):
+        path = os.path.join(dataset_dir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as file:
+                digest.update(file.read())
+    return digest.hexdigest()
 
 
 def load_datalist(datalist_path: str | os.PathLike, key: str, base_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -137,6 +153,37 @@ def without_metadata(transform: Callable) -> Callable:
 
 
 def slice_dataset(
+    dataset_dir: str | os.PathLike,
+    key: str,
+    transform: Callable,
+    used: bool = True,
+    cache: str = "memory",
+    cache_rate: float = 1.0,
+    cache_dir: str | None = None,
+    num_workers: int | None = 0,
+) -> Dataset:
+    """A dataset of one list of prepared slices (``datalist.json``), cached as configured.
+
+    Args:
+        dataset_dir: the folder scripts/prepare_data.py wrote.
+        key: the list, e.g. ``brats_training`` or ``kaggle_validation``.
+        transform: the pipeline (nested ``Compose`` are unrolled); MONAI caches its deterministic head (up to the
+            first random transform). It runs without MONAI metadata tracking (see :class:`PlainTensorCompose`), so
+            items hold plain tensors.
+        used: False gives an empty dataset (a stage that does not train on this source spends nothing on it).
+        cache: ``"memory"`` (CacheDataset: ``cache_rate`` of the items held in RAM, the rest read each epoch, so
+            memory stays bounded by the rate), ``"disk"`` (PersistentDataset under ``cache_dir/key``: RAM stays flat
+            whatever the data size) or ``"none"`` (read every epoch).
+        cache_rate: fraction of items cached in memory mode.
+        cache_dir: cache folder for disk mode.
+        num_workers: threads that fill the memory cache.
+    """
+    data = load_datalist(os.path.join(dataset_dir, "datalist.json"), key, dataset_dir) if used else []
+    return cached_dataset(data, transform, cache, cache_rate, os.path.join(cache_dir, key) if cache_dir else None,
+                          num_workers)  # fmt: skip
+
+
+def cached_dataset(
     data: Sequence[dict[str, Any]],
     transform: Callable,
     cache: str = "memory",
@@ -144,19 +191,9 @@ def slice_dataset(
     cache_dir: str | None = None,
     num_workers: int | None = 0,
 ) -> Dataset:
-    """A dataset of prepared slices, cached as configured.
-
-    Args:
-        data: datalist items.
-        transform: the pipeline; MONAI caches its deterministic head (up to the first random transform). It runs
-            without MONAI metadata tracking (see :class:`PlainTensorCompose`), so items hold plain tensors.
-        cache: ``"memory"`` (CacheDataset: ``cache_rate`` of the items held in RAM, the rest read each epoch, so
-            memory stays bounded by the rate), ``"disk"`` (PersistentDataset under ``cache_dir``: RAM stays flat
-            whatever the data size) or ``"none"`` (read every epoch).
-        cache_rate: fraction of items cached in memory mode.
-        cache_dir: cache folder for disk mode.
-        num_workers: threads that fill the memory cache.
-    """
+    """A MONAI dataset over these items, cached as configured (see :func:`slice_dataset`)."""
+    if isinstance(transform, Compose):
+        transform = transform.flatten()
     transform = without_metadata(transform)
     if cache == "memory":
         return CacheDataset(data, transform, cache_rate=cache_rate, num_workers=num_workers, progress=False)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -118,13 +118,14 @@ def make_loader(
     )
 
 
-def training_loader(data: str, brats: Any, kaggle: Any, kaggle_steps: int = 1) -> Any:
-    """The stage's training loader: BraTS alone (``"brats"``) or BraTS alternating with Kaggle (``"brats+kaggle"``)."""
-    if data == "brats":
+def training_loader(stage: Mapping[str, Any], brats: Any, kaggle: Any) -> Any:
+    """A stage's training loader, from its ``data``: BraTS alone (``"brats"``) or BraTS alternating with Kaggle
+    (``"brats+kaggle"``, ``kaggle_steps`` Kaggle batches after each BraTS batch)."""
+    if stage["data"] == "brats":
         return brats
-    if data == "brats+kaggle":
-        return AlternatingLoader(brats, kaggle, kaggle_steps)
-    raise ValueError(f"Unknown stage data '{data}': use 'brats' or 'brats+kaggle'.")
+    if stage["data"] == "brats+kaggle":
+        return AlternatingLoader(brats, kaggle, int(stage["kaggle_steps"]))
+    raise ValueError(f"Unknown stage data '{stage['data']}': use 'brats' or 'brats+kaggle'.")
 
 
 def batches_per_step(loader: Any, tasks: Sequence[str] = ("seg", "cls")) -> int:
@@ -137,11 +138,6 @@ def batches_per_step(loader: Any, tasks: Sequence[str] = ("seg", "cls")) -> int:
     return getattr(loader, "batches_per_step", 1) if {"seg", "cls"} <= set(tasks) else 1
 
 
-def validation_loader(data: str, brats: Any, kaggle: Any) -> Any:
-    """The stage's validation loader: BraTS alone, or BraTS followed by Kaggle."""
-    return brats if data == "brats" else SequentialLoader(brats, kaggle)
-
-
-def stage_items(items: Sequence[dict], used: bool) -> list[dict]:
-    """The data items when the stage uses this source, otherwise none (so no time is spent caching them)."""
-    return list(items) if used else []
+def validation_loader(brats: Any, kaggle: Any) -> Any:
+    """Validation over BraTS slices, then Kaggle images (an empty source is skipped)."""
+    return SequentialLoader(brats, kaggle)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from monai.losses import FocalLoss
@@ -74,16 +75,19 @@ def classification_loss(kind: str = "focal", weight: Iterable[float] | None = No
     raise ValueError(f"Unknown classification loss '{kind}': use 'focal' or 'ce'.")
 
 
-def class_weights(labels: Iterable[int], num_classes: int = 2) -> list[float]:
-    """Inverse-frequency class weights, normalised to sum to ``num_classes`` (all 1.0 when classes are balanced).
+def class_weights(datasets: Iterable[Any], num_classes: int = 2) -> list[float]:
+    """Inverse-frequency class weights of the classification data, normalised to sum to ``num_classes`` (all 1.0
+    when classes are balanced).
 
     Args:
-        labels: the training labels of the classification data.
+        datasets: the training datasets of the classification data (MONAI datasets, whose ``data`` items carry
+            ``cls``), or lists of such items.
         num_classes: number of classes.
 
     Raises:
         ValueError: a class has no training example (its weight would be infinite).
     """
+    labels = [item["cls"] for dataset in datasets for item in getattr(dataset, "data", dataset)]
     counts = torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).double()
     if counts.numel() > num_classes or (counts == 0).any():
         raise ValueError(f"Class weights need every one of {num_classes} classes in the training data, got {counts}.")

@@ -1,5 +1,9 @@
 """MLflow tracking: a parent run per pipeline run, a child run per stage, evaluation logged into the run it evaluates.
 
+The stage runs are MONAI's ``MLFlowHandler`` (:class:`StageRun`); the parent run is opened by ``scripts/train.py``
+around the stages (:class:`PipelineRun`); an evaluation finds the run that trained its model from the model file's
+sha256, which that run carries as a tag (:func:`log_evaluation`).
+
 The store is an embedded sqlite database under the bundle (``<bundle_root>/mlruns/mlflow.db``, artifacts beside it)
 unless ``MLFLOW_TRACKING_URI`` or ``--tracking_uri`` names another (a team's ``http://`` tracking server, or a
 database URI). Tracking never costs the training: a store that fails mid-run is reported and logging stops, while
@@ -9,19 +13,28 @@ at once, before any data is loaded, unless the run is started with ``--mlflow_tr
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from ignite.engine import Engine, Events
+from monai.handlers import MLFlowHandler
+
+from .errors import UsageError
 
 try:
     import fcntl
@@ -30,6 +43,7 @@ except ImportError:  # POSIX only: on Windows the first use of a new store is no
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+    from monai.bundle import ConfigParser
 
 logger = logging.getLogger(__name__)
 
@@ -44,12 +58,12 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 PARENT_TAG = "mlflow.parentRunId"
-RUN_FILE = "mlflow_run.json"
+MODEL_TAG = "model_sha256"  # the sha256 of the model a run produced: evaluation finds the run by it
 SQLITE_PREFIX = "sqlite:///"  # a local store: sqlite:////absolute/path/mlflow.db
 MAX_PARAM_LENGTH = 500  # MLflow accepts more on recent servers, 500 on older ones (MONAI issue 7601)
 
 
-class TrackingUnavailableError(RuntimeError):
+class TrackingUnavailableError(UsageError):
     """The tracking store cannot be reached when a run starts."""
 
 
@@ -72,32 +86,45 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (database.parent / "artifacts").resolve().as_uri() if database is not None else None
 
 
-def mlflow_client(tracking_uri: str) -> MlflowClient:
-    """An MLflow client; a new local sqlite store gets its tables from one process at a time.
+@contextmanager
+def store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock while a local sqlite store is opened: the first opener creates its tables.
 
     MLflow creates a new sqlite database's tables when the first client opens it. Two processes doing that at once
     (``scripts/demo.sh`` trains the baselines beside the multi-task pipeline) both run the migrations and one fails
-    ("duplicate column name"). An exclusive lock on a file beside the database lets the first create them while the
-    others wait, then find them there.
+    ("duplicate column name"). A lock on a file beside the database lets the first create them while the others
+    wait, then find them there.
     """
-    from mlflow.tracking import MlflowClient
-
     database = sqlite_database(tracking_uri)
     if database is None or fcntl is None:
-        return MlflowClient(tracking_uri=tracking_uri)
+        yield
+        return
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.parent / f"{database.name}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def mlflow_client(tracking_uri: str) -> MlflowClient:
+    """An MLflow client of the store, opened under :func:`store_lock`."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(tracking_uri):
         return MlflowClient(tracking_uri=tracking_uri)
 
 
-def check_tracking(tracking_uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, with what to do about it, when the tracking store cannot be used.
+def check_tracking(tracking_uri: str, enabled: Any = True, timeout: float = 5.0) -> None:
+    """Fail fast, with what to do about it, when the tracking store cannot be used (nothing to check when tracking is
+    off: ``enabled`` false, or "false" from the command line).
 
     Raises:
         TrackingUnavailableError: an ``http(s)`` server does not answer its ``/health`` endpoint, or a file-based
             URI that MLflow no longer supports.
     """
+    from .stages import as_bool
+
+    if not as_bool(enabled, "mlflow_tracking"):
+        return
     if tracking_uri.startswith(("http://", "https://")):
         url = tracking_uri.rstrip("/") + "/health"
         try:
@@ -183,21 +210,20 @@ def code_version(repository: str | os.PathLike) -> str:
     return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
-def executed_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The configuration this ``python -m monai.bundle run`` process executes: its config files merged, with the
-    command line's overrides applied (expressions as written, not evaluated)."""
+def bundle_parser(args: Sequence[str]) -> ConfigParser:
+    """The configuration a ``python -m monai.bundle run <args>`` command executes: its config files merged, with the
+    command line's overrides applied (parsed as MONAI's CLI parses them), not yet evaluated."""
     from fire.parser import DefaultParseValue
     from monai.bundle import ConfigParser
 
-    argv = list(sys.argv if argv is None else argv)
     options: dict[str, Any] = {}
-    tokens = argv[2:] if len(argv) > 1 and argv[1] == "run" else argv[1:]
+    tokens = list(args)
     index = 0
     while index < len(tokens):
         token = tokens[index]
         if token.startswith("--"):
-            key, _, value = token[2:].partition("=")
-            if not _ and index + 1 < len(tokens):
+            key, equals, value = token[2:].partition("=")
+            if not equals and index + 1 < len(tokens):
                 value = tokens[index + 1]
                 index += 1
             options[key] = DefaultParseValue(value)
@@ -207,7 +233,13 @@ def executed_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for name in ("run_id", "init_id", "final_id", "meta_file", "logging_file", "tracking", "args_file"):
         options.pop(name, None)
     parser.update(options)
-    return parser.get()
+    return parser
+
+
+def executed_config(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """The configuration this ``python -m monai.bundle run`` process executes (expressions as written)."""
+    argv = list(sys.argv if argv is None else argv)
+    return bundle_parser(argv[2:] if len(argv) > 1 and argv[1] == "run" else argv[1:]).get()
 
 
 class TrackingClient:
@@ -225,13 +257,9 @@ class TrackingClient:
         self.error: str | None = None
         self._experiment_id: str | None = None
 
-    @property
-    def failed(self) -> bool:
-        return self.error is not None
-
     def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``method(*args, **kwargs)``, or None once tracking has failed."""
-        if self.failed:
+        if self.error is not None:
             return None
         try:
             return method(*args, **kwargs)
@@ -271,8 +299,7 @@ class TrackingClient:
         from mlflow.entities import Param
 
         if run_id:
-            flat = flatten_params(params)
-            items = [Param(key, value) for key, value in flat.items()]
+            items = [Param(key, value) for key, value in flatten_params(params).items()]
             for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
                 self.call(self.client.log_batch, run_id, params=items[start : start + 100])
 
@@ -280,7 +307,7 @@ class TrackingClient:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(key, float(value), now, step) for key, value in metrics.items() if value is not None]
+        items = [Metric(key, float(value), now, step) for key, value in metrics.items() if is_finite_number(value)]
         self.log_metric_batch(run_id, items)
 
     def log_metric_batch(self, run_id: str | None, metrics: Sequence[Any]) -> None:
@@ -289,7 +316,7 @@ class TrackingClient:
                 self.call(self.client.log_batch, run_id, metrics=list(metrics[start : start + 1000]))
 
     def log_artifact(self, run_id: str | None, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        if run_id and Path(path).exists():
+        if run_id and path and Path(path).exists():
             method = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             self.call(method, run_id, str(path), artifact_path)
 
@@ -297,13 +324,28 @@ class TrackingClient:
         if run_id:
             self.call(self.client.log_dict, run_id, data, artifact_file)
 
+    def set_tag(self, run_id: str | None, key: str, value: str) -> None:
+        if run_id:
+            self.call(self.client.set_tag, run_id, key, value)
+
+    def log_model(self, run_id: str | None, network: torch.nn.Module, example: torch.Tensor) -> None:
+        """The network as an MLflow PyTorch model (the UI's Models column; registrable), with a signature from an
+        example input and the bundle's package beside it, so that ``mlflow.pytorch.load_model`` rebuilds it."""
+        if run_id:
+            self.call(_log_model, self.tracking_uri, run_id, network, example)
+
+    def log_prepared_data(self, run_id: str | None, dataset_dir: str | os.PathLike, context: str = "training") -> None:
+        """The prepared data as the run's input (the UI's Dataset column), named by its folder, with its digest."""
+        if run_id:
+            self.call(_log_prepared_data, self.client, run_id, dataset_dir, context)
+
     def end_run(self, run_id: str | None, status: str = "FINISHED") -> None:
         if run_id:
             self.call(self.client.set_terminated, run_id, status)
 
     def report(self, what: str) -> str:
         """One line for the end of a run: where its tracking went, or why it stopped."""
-        if self.failed:
+        if self.error is not None:
             return (
                 f"MLflow tracking of {what} FAILED ({self.error}); training went on without it and the run at "
                 f"{self.tracking_uri} is incomplete."
@@ -311,31 +353,240 @@ class TrackingClient:
         return f"{what} tracked in MLflow: {self.tracking_uri}, experiment {self.experiment_name!r}."
 
 
-def write_run_file(directory: str | os.PathLike, client: TrackingClient, run_id: str) -> Path:
-    """Remember a pipeline run beside its checkpoints, so that evaluation and export log into the same run."""
-    path = Path(directory) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {"tracking_uri": client.tracking_uri, "experiment_name": client.experiment_name, "run_id": run_id}
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(info, indent=1))
-    os.replace(temporary, path)
-    return path
+def _log_model(tracking_uri: str, run_id: str, network: torch.nn.Module, example: torch.Tensor) -> None:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    network = getattr(network, "module", network).eval()  # DistributedDataParallel wraps the model
+    with torch.no_grad():
+        outputs = network(example)
+    signature = infer_signature(example.numpy(), {name: value.numpy() for name, value in outputs.items()})
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        # pickle: the network's forward takes the task flags and the image domain, which a traced graph fixes.
+        mlflow.pytorch.log_model(
+            network, name="model", signature=signature, serialization_format="pickle",
+            code_paths=[str(Path(__file__).parent)], pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )  # fmt: skip
 
 
-def read_run_file(directory: str | os.PathLike) -> dict[str, str] | None:
-    path = Path(directory) / RUN_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def _log_prepared_data(client: MlflowClient, run_id: str, dataset_dir: str | os.PathLike, context: str) -> None:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    from .datasets import data_digest
+
+    folder = Path(dataset_dir).resolve()
+    with warnings.catch_warnings():  # MLflow registers its local-folder source twice and says so
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(folder.as_uri())
+    dataset = MetaDataset(source, name=folder.name, digest=data_digest(folder)[:16])
+    tags = [InputTag(key="mlflow.data.context", value=context)]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags)])
 
 
-class PipelineTracking:
-    """The parent run of a pipeline run (stage 0); each stage process logs into a child run under it.
+class StageRun(MLFlowHandler):
+    """MONAI's :class:`~monai.handlers.MLFlowHandler` for one training stage, with what a staged pipeline needs:
+
+    - a new run every time, under the pipeline's parent run (MONAI's handler reuses an unfinished run of the same
+      name, which would merge a rerun into an interrupted one);
+    - store failures reported once, never raised: the training goes on;
+    - per-iteration loss terms and learning rates (by parameter group name) written in batches, per-epoch means,
+      and the validator's metrics at the trainer's epoch;
+    - at the end the best checkpoint, as a file and as an MLflow model, the prepared data as the run's input, and
+      the checkpoint's sha256 as a tag.
+
+    Args:
+        tracking_uri: the MLflow store.
+        experiment_name: the experiment.
+        run_name: the stage run's name.
+        parent_run_id: the pipeline's parent run ('' for a stage run on its own).
+        tags: extra run tags (variant, stage, ...).
+        params: the settings to log, nested dicts allowed.
+        validator: the evaluator whose metrics are logged per epoch.
+        dataset_dir: the prepared data, logged as the run's input.
+        best_checkpoint: the stage's best weights, logged at the end.
+        network: the trained network: the best weights are loaded into a copy of it for the MLflow model.
+        example_shape: the shape of one input slice (channels, height, width), for the model's signature.
+        code_dir: the repository whose git commit is logged.
+        flush_every: iterations between writes of the per-iteration metrics (fewer store round trips).
+        enabled: False (or "false" from the command line): the handler does nothing and opens no store.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        run_name: str,
+        parent_run_id: str = "",
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        validator: Engine | None = None,
+        dataset_dir: str = "",
+        best_checkpoint: str = "",
+        network: torch.nn.Module | None = None,
+        example_shape: Sequence[int] = (),
+        code_dir: str = ".",
+        flush_every: int = 20,
+        enabled: Any = True,
+    ) -> None:
+        from .stages import as_bool
+
+        self.enabled = as_bool(enabled, "mlflow_tracking")
+        if not self.enabled:
+            return
+        with store_lock(tracking_uri):
+            super().__init__(
+                tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name,
+                artifact_location=artifact_location(tracking_uri), close_on_complete=True,
+            )  # fmt: skip
+        # Its own client on the configured store: MONAI's prefers MLFLOW_TRACKING_URI over the tracking_uri it is given.
+        self.tracker = TrackingClient(tracking_uri, experiment_name)
+        self.parent_run_id = parent_run_id or ""
+        self.tags = {key: str(value) for key, value in (tags or {}).items()}
+        self.params = dict(params or {})
+        self.validator = validator
+        self.dataset_dir, self.best_checkpoint = dataset_dir, best_checkpoint
+        self.network, self.example_shape = network, tuple(example_shape)
+        self.code_dir, self.flush_every = code_dir, flush_every
+        self.best_score = -math.inf
+        self.run_id: str | None = None
+        self._trainer: Engine | None = None
+        self._pending: list[Any] = []
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._started = self._epoch_started = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        self._trainer = engine
+        # The run opens with the first epoch it trains, after a resumed state is loaded (its epoch is known then).
+        engine.add_event_handler(Events.EPOCH_STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.EPOCH_COMPLETED, self.validated)
+
+    def start(self, engine: Engine) -> None:
+        self._epoch_started = time.perf_counter()
+        self._sums, self._count = {}, 0
+        if self.run_id is not None or self.tracker.error is not None:
+            return
+        self._started = self._epoch_started
+        baseline = str(self.tags.get("variant", "multitask") != "multitask").lower()
+        tags = {**self.tags, "kind": "stage", "baseline": baseline, "resumed_from_epoch": str(engine.state.epoch - 1)}
+        self.run_id = self.tracker.start_run(self.run_name, tags, self.parent_run_id)
+        params = {**self.params, "code_version": code_version(self.code_dir), "max_epochs": engine.state.max_epochs}
+        if self.dataset_dir:
+            params["data_summary"] = data_summary_params(self.dataset_dir)
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is not None:
+            params["lr_groups"] = {_group_name(i, g): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        if self.network is not None:
+            params["parameters_trainable"] = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
+            tasks = self.params.get("stage", {}).get("tasks", ())
+            params["parameters_used"] = parameters_used(self.network, tasks)
+        self.tracker.log_params(self.run_id, params)
+        self.tracker.log_dict(self.run_id, executed_config(), "config/executed_config.json")
+        if self.dataset_dir:
+            self.tracker.log_prepared_data(self.run_id, self.dataset_dir)
+
+    def iteration_completed(self, engine: Engine) -> None:
+        from mlflow.entities import Metric
+
+        now, step = int(time.time() * 1000), engine.state.iteration
+        # The batch's share of the step's loss, and its unweighted terms (scripts.losses.MultiTaskLoss keeps them).
+        output = engine.state.output if isinstance(engine.state.output, Mapping) else {}
+        values = {"loss": output.get("loss"), **getattr(getattr(engine, "loss_function", None), "terms", {})}
+        for name, value in values.items():
+            if value is None:
+                continue
+            number = float(value.item() if isinstance(value, torch.Tensor) else value)
+            self._pending.append(Metric(f"train_{name}", number, now, step))
+            self._sums[name] = self._sums.get(name, 0.0) + number
+        self._count += 1
+        for index, group in enumerate(getattr(engine, "optimizer", None).param_groups):
+            self._pending.append(Metric(f"lr_{_group_name(index, group)}", float(group["lr"]), now, step))
+        if len(self._pending) >= self.flush_every * 8:
+            self._flush()
+
+    def epoch_completed(self, engine: Engine) -> None:
+        self._flush()
+        means = {f"train_{name}_epoch": total / max(self._count, 1) for name, total in self._sums.items()}
+        means["epoch_time_s"] = time.perf_counter() - self._epoch_started
+        self.tracker.log_metrics(self.run_id, means, step=engine.state.epoch)
+
+    def validated(self, validator: Engine) -> None:
+        epoch = self._trainer.state.epoch if self._trainer is not None else validator.state.epoch
+        self.tracker.log_metrics(self.run_id, dict(validator.state.metrics), step=epoch)
+        score = validator.state.metrics.get("val_score", math.nan)
+        if is_finite_number(score):
+            self.best_score = max(self.best_score, float(score))
+
+    def completed(self, engine: Engine) -> None:
+        if self.run_id is None:
+            return
+        self._flush()
+        self.tracker.log_metrics(self.run_id, {"stage_time_s": time.perf_counter() - self._started})
+        self.tracker.log_metrics(self.run_id, {"best_val_score": self.best_score})
+        if self.dataset_dir:
+            self.tracker.log_artifact(self.run_id, os.path.join(self.dataset_dir, "summary.json"), "data")
+        if self.best_checkpoint and Path(self.best_checkpoint).is_file():
+            self.tracker.log_artifact(self.run_id, self.best_checkpoint, "checkpoints")
+            self.tracker.set_tag(self.run_id, MODEL_TAG, file_sha256(self.best_checkpoint))
+            if self.network is not None and self.example_shape:
+                best_network = copy.deepcopy(getattr(self.network, "module", self.network)).cpu()
+                best_network.load_state_dict(torch.load(self.best_checkpoint, map_location="cpu", weights_only=True))
+                self.tracker.log_model(self.run_id, best_network, torch.zeros(1, *self.example_shape))
+        self.tracker.end_run(self.run_id, "FINISHED")
+        print(self.tracker.report(f"Stage run {self.run_name!r}"), flush=True)
+
+    def exception_raised(self, engine: Engine, error: BaseException) -> None:
+        # ignite treats a registered EXCEPTION_RAISED handler as handling the error: close the run, then re-raise.
+        self._flush()
+        self.tracker.end_run(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise error
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        self.tracker.log_metric_batch(self.run_id, pending)
+
+
+_TASK_COMPONENTS = {"seg": ("encoder", "decoder"), "cls": ("encoder", "cls_head")}
+
+
+def parameters_used(network: torch.nn.Module, tasks: Sequence[str]) -> int:
+    """Parameters of the components a model needs for these tasks (a seg-only model does not count the head)."""
+    names = {name for task in tasks for name in _TASK_COMPONENTS[task]}
+    module = getattr(network, "module", network)  # DistributedDataParallel wraps the model
+    return sum(p.numel() for name in sorted(names) for p in getattr(module, name).parameters())
+
+
+def _group_name(index: int, group: Mapping[str, Any]) -> str:
+    return str(group.get("name", f"group_{index}"))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class PipelineRun:
+    """The parent run of a pipeline (``scripts/train.py``); each stage logs into a child run under it.
 
     Args:
         tracking_uri: the MLflow store.
         experiment_name: the experiment.
         variant: ``multitask``, ``baseline_seg`` or ``baseline_cls``: baselines are tagged as such.
-        run_dir: where the run's id is kept for evaluation and export (the variant's checkpoint folder).
         params: settings shared by the stages (network, data, losses, seed...), nested dicts allowed.
+        dataset_dir: the prepared data, logged as the run's input.
         artifacts: files logged when the pipeline starts (the prepared data's summary, ...).
         code_dir: the repository whose git commit is logged as the code version.
     """
@@ -345,81 +596,97 @@ class PipelineTracking:
         tracking_uri: str,
         experiment_name: str,
         variant: str,
-        run_dir: str,
         params: Mapping[str, Any],
+        dataset_dir: str = "",
         artifacts: Sequence[str] = (),
         code_dir: str = ".",
     ) -> None:
-        self.variant = variant
-        self.run_dir = run_dir
-        self.params = params
-        self.artifacts = artifacts
-        self.code_dir = code_dir
-        self.tracking_uri = tracking_uri
-        self.experiment_name = experiment_name
-        self.client: TrackingClient | None = None
+        self.variant, self.params, self.dataset_dir = variant, params, dataset_dir
+        self.artifacts, self.code_dir = artifacts, code_dir
+        self.client = TrackingClient(tracking_uri, experiment_name)
         self.run_id: str | None = None
 
-    def start(self, stages: Sequence[int]) -> list[str]:
-        """Open the parent run; returns the command-line overrides that put each stage's run under it.
-
-        The store was checked with :func:`check_tracking` by the config's first ``run`` step, before any data.
-        """
-        self.client = TrackingClient(self.tracking_uri, self.experiment_name)
+    def start(self, stages: Sequence[int], config: Mapping[str, Any]) -> str:
+        """Open the parent run; returns its id ('' when the store failed), which each stage gets as parent_run_id."""
         run_name = f"{self.variant} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         tags = {"variant": self.variant, "baseline": str(self.variant != "multitask").lower(), "kind": "pipeline"}
         self.run_id = self.client.start_run(run_name, tags)
         if self.run_id is None:
-            return []
-        params = {**self.params, "pipeline": list(stages), "code_version": code_version(self.code_dir)}
-        self.client.log_params(self.run_id, params)
-        self.client.log_dict(self.run_id, executed_config(), "config/executed_config.json")
+            return ""
+        self.client.log_params(
+            self.run_id, {**self.params, "pipeline": list(stages), "code_version": code_version(self.code_dir)}
+        )
+        self.client.log_dict(self.run_id, dict(config), "config/executed_config.json")
         for path in self.artifacts:
             self.client.log_artifact(self.run_id, path, "data")
-        write_run_file(self.run_dir, self.client, self.run_id)
-        print(f"MLflow run {run_name!r} ({self.run_id}) at {self.tracking_uri}", flush=True)
-        return ["--parent_run_id", self.run_id]
+        if self.dataset_dir:
+            self.client.log_prepared_data(self.run_id, self.dataset_dir)
+        print(f"MLflow run {run_name!r} ({self.run_id}) at {self.client.tracking_uri}", flush=True)
+        return self.run_id
 
-    def finish(self, durations: Sequence[float], status: str = "FINISHED", model_path: str = "") -> None:
-        """Close the parent run with the pipeline's training time and final model."""
-        if self.client is None or self.run_id is None:
+    def finish(
+        self,
+        durations: Sequence[float],
+        status: str = "FINISHED",
+        model_path: str = "",
+        network: torch.nn.Module | None = None,
+        example_shape: Sequence[int] = (),
+    ) -> None:
+        """Close the parent run with the pipeline's training time and its model (file, MLflow model, sha256 tag)."""
+        if self.run_id is None:
             return
         self.client.log_metrics(self.run_id, {"training_time_s": float(sum(durations))})
-        if model_path:
+        if model_path and Path(model_path).is_file():
             self.client.log_artifact(self.run_id, model_path, "model")
+            self.client.set_tag(self.run_id, MODEL_TAG, file_sha256(model_path))
+            if network is not None and example_shape:
+                network.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+                self.client.log_model(self.run_id, network, torch.zeros(1, *example_shape))
         self.client.end_run(self.run_id, status)
         print(self.client.report(f"Pipeline run {self.run_id}"), flush=True)
 
 
-def log_evaluation(run_dir: str, eval_dir: str, model_files: Sequence[str] = (), prefix: str = "test_") -> str:
-    """Log an evaluation into the run that trained the model: its numeric metrics (``test_*``), report, plots and
-    per-patient table, and the model files (checkpoint, and the TorchScript export once it exists).
+def find_model_run(tracking_uri: str, experiment_name: str, model_path: str | os.PathLike) -> str | None:
+    """The newest pipeline run (or, failing that, stage run) that produced this model file, from its sha256."""
+    client = mlflow_client(tracking_uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None or not Path(model_path).is_file():
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.{MODEL_TAG} = '{file_sha256(model_path)}'",
+        order_by=["attributes.start_time DESC"], max_results=20,
+    )  # fmt: skip
+    found.sort(key=lambda run: run.data.tags.get("kind") != "pipeline")  # stable: newest pipeline run first
+    return found[0].info.run_id if found else None
 
-    Args:
-        run_dir: the variant's checkpoint folder, where training left ``mlflow_run.json``.
-        eval_dir: the folder ``evaluate.yaml`` wrote (only its files are logged, not sub-folders of other models).
-        model_files: model files to log under ``model/`` where they exist.
-        prefix: prefix of the metric names, so test figures never mix with validation ones.
+
+def log_evaluation(
+    tracking_uri: str, experiment_name: str, model_path: str, eval_dir: str, model_files: Sequence[str] = (),
+    prefix: str = "test_",
+) -> str:  # fmt: skip
+    """Log an evaluation into the run that trained the model (found from the model file itself): its numeric
+    metrics (``<split>_*``), report, plots and per-patient table, and the model files that exist (checkpoint, and
+    the TorchScript export).
 
     Returns:
         A line for the log: where the evaluation went, or why it was not tracked.
     """
-    info = read_run_file(run_dir)
-    if info is None:
-        return f"Evaluation not tracked: no {RUN_FILE} in {run_dir} (the model was trained without MLflow tracking)."
-    client = TrackingClient(info["tracking_uri"], info["experiment_name"])
-    run_id = info["run_id"]
+    run_id = find_model_run(tracking_uri, experiment_name, model_path)
+    if run_id is None:
+        return (
+            f"Evaluation not tracked: no run in {tracking_uri} (experiment {experiment_name!r}) produced {model_path} "
+            "(it was trained without tracking, into another store, or changed since)."
+        )
+    client = TrackingClient(tracking_uri, experiment_name)
     metrics_file = Path(eval_dir) / "metrics.json"
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
-        numbers = {prefix + key: value for key, value in metrics.items() if is_finite_number(value)}
-        client.log_metrics(run_id, numbers)
+        client.log_metrics(run_id, {prefix + key: value for key, value in metrics.items()})
     for path in sorted(Path(eval_dir).iterdir()) if Path(eval_dir).is_dir() else []:
         if path.is_file():
             client.log_artifact(run_id, path, "evaluation")
     for path in model_files:
-        if path and Path(path).is_file():
-            client.log_artifact(run_id, path, "model")
+        client.log_artifact(run_id, path, "model")
     return client.report(f"Evaluation of run {run_id}")
 
 
