@@ -39,6 +39,7 @@ from tqdm import tqdm  # noqa: E402
 from scripts.data import OPTIONS_FILE, PRESET_SIZES, duplicates, images, splits  # noqa: E402
 from scripts.data.volumes import MODALITIES, DataError, VolumeCase, check_case, detect_layout, find_cases  # noqa: E402
 from scripts.data.volumes import load_case as load_volume_case  # noqa: E402
+from scripts.files import file_sha256  # noqa: E402
 
 # Bumped whenever the preprocessing changes what is written, so an older prepared folder is rebuilt, not reused.
 # 2: BraTS split by subject (all timepoints of a BraTS 2023+ subject in one split); "subject" recorded per case.
@@ -549,7 +550,7 @@ def prepare_image(task: ImageTask) -> dict[str, Any] | str:
     task.target.parent.mkdir(parents=True, exist_ok=True)
     np.save(task.target, array.astype(np.float16))
     return {
-        "hashes": duplicates.image_hashes(grey, images.file_sha256(task.source), images.pixels_sha256(grey)),
+        "hashes": duplicates.image_hashes(grey, file_sha256(task.source), images.pixels_sha256(grey)),
         "shape": list(grey.shape),
         "storage": storage,
         "blank": blank,

@@ -12,7 +12,7 @@ from types import ModuleType
 
 from .errors import report_user_errors
 
-__all__ = ["data", "datasets", "engines", "errors", "evaluation", "handlers", "inference", "loaders", "losses",
+__all__ = ["data", "datasets", "engines", "errors", "evaluation", "files", "handlers", "inference", "loaders", "losses",
            "metrics", "networks", "report", "stage_checkpoints", "stages", "tracking"]  # fmt: skip
 
 

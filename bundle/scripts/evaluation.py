@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections import defaultdict
@@ -52,6 +51,7 @@ from sklearn.metrics import (
 )
 
 from .errors import UsageError
+from .files import write_json_atomic
 
 __all__ = [
     "KAGGLE_CLASSES",
@@ -653,24 +653,6 @@ def _json_number(value: Any) -> float | int | None:
         return int(value)
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def write_json_atomic(path: Path, content: Any) -> Path:
-    """Write JSON through a temporary file in the same folder and a rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(content, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_per_patient_csv(path: Path, scores: Sequence[PatientScore]) -> Path:

@@ -36,9 +36,10 @@ from monai.handlers import CheckpointLoader
 
 from .datasets import check_prepared, data_digest
 from .errors import UsageError
+from .files import file_sha256, write_json_atomic
 from .handlers import AtomicCheckpointSaver
 from .stages import as_bool
-from .tracking import file_sha256
+from .tracking import flatten_settings
 
 RECORD = "stage.json"
 BEST = "best.pt"
@@ -56,15 +57,6 @@ def _epoch_of(path: str) -> int:
 def epoch_checkpoints(directory: str | os.PathLike) -> list[str]:
     """A stage's ``checkpoint_epoch=N.pt`` files, oldest epoch first."""
     return sorted(glob.glob(os.path.join(glob.escape(str(directory)), "checkpoint_epoch=*.pt")), key=_epoch_of)
-
-
-def _flat(settings: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(settings, Mapping):
-        flat: dict[str, Any] = {}
-        for key, value in settings.items():
-            flat.update(_flat(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: settings}
 
 
 def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,7 +79,7 @@ def _unused(settings: Mapping[str, Any]) -> set[str]:
 
 
 def _differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    old, new = _flat(recorded), _flat(current)
+    old, new = flatten_settings(recorded), flatten_settings(current)
     keys = sorted((set(old) | set(new)) - _unused(current))
     changed = [key for key in keys if old.get(key) != new.get(key)]
     return [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}" for key in changed]
@@ -158,21 +150,12 @@ class StageCheckpoints:
     # ---- the rules, before any data is read
 
     def read_record(self) -> dict[str, Any] | None:
-        path = os.path.join(self.directory, RECORD)
-        if not os.path.isfile(path):
-            return None
-        with open(path) as file:
-            return json.load(file)
+        return _read_json(os.path.join(self.directory, RECORD))
 
     def write_record(self, **changes: Any) -> None:
-        if self.rank != 0:
-            return
-        record = {**(self.read_record() or {}), **changes}
-        os.makedirs(self.directory, exist_ok=True)
-        partial = os.path.join(self.directory, RECORD + ".partial")
-        with open(partial, "w") as file:
-            json.dump(record, file, indent=1)
-        os.replace(partial, os.path.join(self.directory, RECORD))
+        if self.rank == 0:
+            path = os.path.join(self.directory, RECORD)
+            write_json_atomic(path, {**(_read_json(path) or {}), **changes})
 
     def check(self, dry_run: bool = False) -> str:
         """Decide whether this run starts the stage, resumes it, or has nothing to train; returns a line for the log.
@@ -246,15 +229,10 @@ class StageCheckpoints:
 
     def mark_retrain(self, stage: int, reason: str) -> None:
         """Mark a later stage as to be trained again from this stage's new checkpoint."""
-        record = os.path.join(self.variant_dir, f"stage{stage}", RECORD)
-        if os.path.isfile(record):
-            with open(record) as file:
-                content = json.load(file)
-            content["retrain"] = reason
-            partial = record + ".partial"
-            with open(partial, "w") as file:
-                json.dump(content, file, indent=1)
-            os.replace(partial, record)
+        path = os.path.join(self.variant_dir, f"stage{stage}", RECORD)
+        record = _read_json(path)
+        if record is not None:
+            write_json_atomic(path, {**record, "retrain": reason})
 
     def _newest_complete(self, remove_incomplete: bool) -> str:
         """The newest epoch checkpoint that is a complete file: a kill while saving can leave a truncated one."""
@@ -337,17 +315,20 @@ class StageCheckpoints:
 
 def describe_network(metadata_file: str, network: Mapping[str, Any]) -> None:
     """Write the trained network's settings into ``metadata.json``: its input and output sizes in
-    ``network_data_format`` and all of them under ``network_settings``, which ``inference.yaml`` reads."""
-    with open(metadata_file) as file:
-        metadata = json.load(file)
+    ``network_data_format`` and all of them under ``network_settings``."""
+    metadata = _read_json(metadata_file)
     size = [int(network["image_size"])] * 2
     formats = metadata["network_data_format"]
     formats["inputs"]["image"]["num_channels"] = int(network["in_channels"])
     formats["inputs"]["image"]["spatial_shape"] = size
     formats["outputs"]["pred"]["spatial_shape"] = size
     metadata["network_settings"] = dict(network)
-    partial = f"{metadata_file}.partial"
-    with open(partial, "w") as file:
-        json.dump(metadata, file, indent=4)
-        file.write("\n")
-    os.replace(partial, metadata_file)
+    write_json_atomic(metadata_file, metadata, indent=4, sort_keys=False)  # the file's own layout and key order
+
+
+def _read_json(path: str) -> Any:
+    """A JSON file's content, or None where there is no file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        return json.load(file)

@@ -14,7 +14,6 @@ at once, before any data is loaded, unless the run is started with ``--mlflow_tr
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import MLFlowHandler
 
 from .errors import UsageError
+from .files import file_sha256
 
 try:
     import fcntl
@@ -158,16 +158,21 @@ def _param_text(value: Any) -> str:
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
 
 
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested settings as MLflow params: ``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, each value within the length limit."""
-    flat: dict[str, str] = {}
-    for key, value in params.items():
+def flatten_settings(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level: ``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(flatten_params(value, prefix=name + "."))
+            flat.update(flatten_settings(value, prefix=name + "."))
         else:
-            flat[name] = _param_text(value)
+            flat[name] = value
     return flat
+
+
+def flatten_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """Nested settings as MLflow params: ``{"a": {"b": 1}}`` -> ``{"a.b": "1"}``, each value within the length limit."""
+    return {name: _param_text(value) for name, value in flatten_settings(params).items()}
 
 
 def data_summary_params(dataset_dir: str | os.PathLike) -> dict[str, Any]:
@@ -568,14 +573,6 @@ def parameters_used(network: torch.nn.Module, tasks: Sequence[str]) -> int:
 
 def _group_name(index: int, group: Mapping[str, Any]) -> str:
     return str(group.get("name", f"group_{index}"))
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class PipelineRun:

@@ -216,15 +216,6 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def pixels_sha256(grey: np.ndarray) -> str:
     """SHA-256 of a decoded grey image (shape included): equal for re-saved copies with identical pixels."""
     digest = hashlib.sha256(repr(grey.shape).encode())
