@@ -154,10 +154,7 @@ def run_logged(command: list[str], log: Path, env: dict[str, str] | None = None)
 
 def config_value(configs: Sequence[str], overrides: dict[str, Any], key: str) -> Any:
     """A plain value of the merged configs (e.g. image_size), as the bundle would read it."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config([str(REPO_ROOT / name) for name in configs])
+    parser = phases.bundle_parser(configs)
     parser.update(overrides)
     return parser.get_parsed_content(key)
 

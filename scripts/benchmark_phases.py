@@ -178,10 +178,18 @@ def cycle(iterable: Iterable) -> Iterator:
         yield from iterable
 
 
+def bundle_parser(configs: Sequence[str]) -> ConfigParser:
+    """The bundle's config files merged, with its metadata (``_meta_``, which ``inference.yaml`` reads the network's
+    settings from), as ``monai.bundle run`` reads them."""
+    parser = ConfigParser()
+    parser.read_config([str(REPO_ROOT / name) for name in configs])
+    parser.read_meta(str(BUNDLE_ROOT / "configs" / "metadata.json"))
+    return parser
+
+
 def train_parser(spec: Spec, **extra: Any) -> ConfigParser:
     """The training config of the spec, at stage 3, with the benchmark's overrides."""
-    parser = ConfigParser()
-    parser.read_config([str(REPO_ROOT / name) for name in spec.train_configs])
+    parser = bundle_parser(spec.train_configs)
     work = Path(spec.work_dir)
     parser.update(
         {
@@ -201,8 +209,7 @@ def train_parser(spec: Spec, **extra: Any) -> ConfigParser:
 
 def infer_parser(spec: Spec) -> ConfigParser:
     """The inference config of the spec with the benchmark's overrides."""
-    parser = ConfigParser()
-    parser.read_config([str(REPO_ROOT / name) for name in spec.infer_configs])
+    parser = bundle_parser(spec.infer_configs)
     parser.update({"bundle_root": str(BUNDLE_ROOT), **spec.overrides})
     return parser
 

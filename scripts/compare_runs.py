@@ -1,7 +1,7 @@
 """Compare the latest multi-task pipeline with the single-task baselines, from their MLflow runs.
 
     python scripts/compare_runs.py [--tracking-uri URI] [--experiment NAME] [--out-dir DIR] [--split S] [--seeds]
-                                   [--run ID_OR_NAME ...]
+                                   [--run-id ID | --run-name NAME ...]
 
 For each variant (multitask, baseline_seg, baseline_cls) it takes the newest finished pipeline run of the
 experiment and reads what training and evaluate.yaml logged into it: per-patient Dice, HD95, AUC, accuracy and F1 of
@@ -10,8 +10,9 @@ training time and inference latency (where logged). It prints them side by side 
 marked, writes comparison.json and comparison.png to DIR, and logs both into the multi-task run under
 ``comparison/``. A column a model has no task for shows "-".
 
-``--run`` names a pipeline run (its id or its name, as the MLflow UI shows them) to show in place of its variant's
-newest, e.g. an earlier multi-task run beside today's baselines. ``--seeds`` takes the newest finished run of every
+``--run-id ID`` or ``--run-name NAME`` (as the MLflow UI shows them) names a pipeline run
+to show in place of its variant's newest, e.g. an earlier multi-task run beside today's baselines; of several runs
+with that name the newest is taken, and said so. ``--seeds`` takes the newest finished run of every
 seed instead (e.g. the store of scripts/seed_study.py): each cell is the mean over the seeds with their range
 [min-max] beside it, so that a difference between models can be read against how much the seed alone moves it.
 
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -36,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "bundle"))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from scripts.tracking import PARENT_TAG, default_tracking_uri  # noqa: E402
+from scripts.tracking import PARENT_TAG, default_tracking_uri, mlflow_client  # noqa: E402
 
 VARIANTS = ("multitask", "baseline_seg", "baseline_cls")
 # (MLflow metric or param, column title, True when larger is better, False for a cost), "{split}" the split scored
@@ -74,13 +76,33 @@ def finished_pipeline_runs(client, experiment_id: str, per_seed: bool = False) -
     return {variant: list(latest[variant].values()) for variant in VARIANTS if variant in latest}
 
 
-def named_run(client, experiment_id: str, wanted: str):
-    """The pipeline run with this run id or run name (the newest of that name), or None."""
-    found = client.search_runs(
-        [experiment_id], filter_string="tags.kind = 'pipeline'", order_by=["attributes.start_time DESC"],
-        max_results=1000,
-    )  # fmt: skip
-    return next((run for run in found if wanted in (run.info.run_id, run.info.run_name)), None)
+def pipeline_runs(client, experiment_id: str) -> Iterator:
+    """Every pipeline run of the experiment, newest first, page by page (a study may hold thousands)."""
+    token = None
+    while True:
+        page = client.search_runs(
+            [experiment_id], filter_string="tags.kind = 'pipeline'", order_by=["attributes.start_time DESC"],
+            max_results=1000, page_token=token,
+        )  # fmt: skip
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def picked_run(client, experiment_id: str, by: str, wanted: str):
+    """The pipeline run ``--run-id`` or ``--run-name`` (``by``: id or name) names, or None.
+
+    Names are matched here rather than in a search filter: MLflow's filter has no escape for a quote in a name.
+    Names need not be unique (a run renamed in the UI, a study's runs): of several, the newest, said on stderr.
+    """
+    if by == "id":
+        return next((run for run in pipeline_runs(client, experiment_id) if run.info.run_id == wanted), None)
+    named = [run for run in pipeline_runs(client, experiment_id) if run.info.run_name == wanted]
+    if len(named) > 1:
+        print(f"{len(named)} pipeline runs are named {wanted!r}: showing the newest, {named[0].info.run_id} (pick "
+              "another with --run-id).", file=sys.stderr)  # fmt: skip
+    return named[0] if named else None
 
 
 def parameters_of(client, run) -> float | None:
@@ -193,25 +215,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=REPO_ROOT / "bundle" / "eval", help="for the JSON and PNG")
     parser.add_argument("--split", default="test", choices=["test", "validation"], help="the evaluation to compare")
     parser.add_argument("--seeds", action="store_true", help="every seed's newest run: mean and range over seeds")
-    parser.add_argument(
-        "--run", action="append", default=[], metavar="ID_OR_NAME",
-        help="a pipeline run to show instead of its variant's newest (run id or run name; repeat for each model)",
-    )  # fmt: skip
+    picks = {"--run-id": ("id", "ID", "run id"), "--run-name": ("name", "NAME", "run name (the newest of the name)")}
+    for option, (by, metavar, which) in picks.items():  # one list, in command-line order: a later pick wins
+        parser.add_argument(
+            option, dest="picks", action="append", default=[], metavar=metavar, type=lambda wanted, by=by: (by, wanted),
+            help=f"a pipeline run to show instead of its variant's newest, by {which}; repeat for each model",
+        )  # fmt: skip
     args = parser.parse_args(argv)
 
-    from mlflow.tracking import MlflowClient
-
     uri = args.tracking_uri or default_tracking_uri(REPO_ROOT / "bundle")
-    client = MlflowClient(tracking_uri=uri)
+    client = mlflow_client(uri)  # re-points a moved store at its artifacts' new place
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
         print(f"No experiment {args.experiment!r} in {uri}: train with tracking on first.", file=sys.stderr)
         return 1
     runs = finished_pipeline_runs(client, experiment.experiment_id, per_seed=args.seeds)
-    for wanted in args.run:
-        run = named_run(client, experiment.experiment_id, wanted)
+    for by, wanted in args.picks:
+        run = picked_run(client, experiment.experiment_id, by, wanted)
         if run is None:
-            print(f"No pipeline run with id or name {wanted!r} in experiment {args.experiment!r}.", file=sys.stderr)
+            print(f"No pipeline run with {by} {wanted!r} in experiment {args.experiment!r} at {uri}.",
+                  file=sys.stderr)  # fmt: skip
             return 1
         runs[run.data.tags["variant"]] = [run]
     if not runs:

@@ -53,10 +53,11 @@ trap 'kill -- -$baselines_pid 2>/dev/null || true' EXIT
 step "training the multi-task model: stages 1, 2, 3"
 train "['$TRAIN','$PRESET']"
 step "exporting the multi-task model to TorchScript (bundle/models/model.ts)"
-# MONAI's exporter does not put the bundle root on sys.path as `run` does.
+# MONAI's exporter does not put the bundle root on sys.path as `run` does. No preset: training wrote the network it
+# published into bundle/configs/metadata.json, which inference.yaml reads.
 PYTHONPATH=bundle "$PY" -m monai.bundle ckpt_export network_def --filepath bundle/models/model.ts \
     --ckpt_file bundle/models/model.pt --meta_file bundle/configs/metadata.json \
-    --config_file "['bundle/configs/inference.yaml','$PRESET']" --bundle_root bundle
+    --config_file bundle/configs/inference.yaml --bundle_root bundle
 step "evaluating the multi-task model"
 bundle "['$TRAIN','$EVALUATE','$PRESET']"
 

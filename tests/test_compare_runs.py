@@ -1,4 +1,5 @@
-"""compare_runs.py across seeds: a seed study's runs in a real MLflow store, compared through the command line."""
+"""compare_runs.py across seeds and on picked runs: a seed study's runs in a real MLflow store, compared through the
+command line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 from conftest import run_cli
 from mlflow.tracking import MlflowClient
+
+from scripts.tracking import artifact_location
 
 # Validation figures of a two-seed study: (variant, seed) -> per-patient Dice, Kaggle AUC (None: no such task).
 STUDY = {
@@ -21,7 +24,7 @@ STUDY = {
 def _log_study(uri: str) -> None:
     """Pipeline runs as a seed study leaves them: one per variant and seed, an older one that a rerun replaced."""
     client = MlflowClient(uri)
-    experiment = client.create_experiment("seed_study")
+    experiment = client.create_experiment("seed_study", artifact_location=artifact_location(uri))
     for (variant, seed), (dice, auc) in [(("multitask", 1), (0.10, 0.10)), *STUDY.items()]:
         run = client.create_run(
             experiment, run_name=f"{variant} seed {seed}", tags={"kind": "pipeline", "variant": variant}
@@ -58,14 +61,32 @@ def test_seeds_give_the_mean_and_range_of_each_models_newest_runs(tmp_path: Path
     assert table["models"]["multitask"]["validation_brats_patient_dice_mean"] == 0.84
     assert "validation_brats_patient_dice_mean_range" not in table["models"]["multitask"]
 
-    # --run names an older run (by name) in place of its variant's newest; an unknown one is an error.
-    old = next(
+
+def test_runs_are_picked_by_id_or_by_name_in_a_moved_store(tmp_path: Path) -> None:
+    _log_study("sqlite:///" + str(tmp_path / "before" / "mlflow.db"))
+    (tmp_path / "before").rename(tmp_path / "after")  # a moved repository: compare_runs re-points its store
+    uri = "sqlite:///" + str(tmp_path / "after" / "mlflow.db")
+    args = [sys.executable, "scripts/compare_runs.py", "--tracking-uri", uri, "--experiment", "seed_study",
+            "--out-dir", str(tmp_path), "--split", "validation"]  # fmt: skip
+    first_of_two = next(  # "multitask seed 1", replaced by a newer run of the same name
         r for r in MlflowClient(uri).search_runs(["1"]) if r.data.metrics["validation_brats_patient_dice_mean"] == 0.10
     )
-    run_cli([sys.executable, "scripts/compare_runs.py", *args, "--run", old.info.run_id])
-    assert json.loads((tmp_path / "comparison.json").read_text())["runs"]["multitask"] == old.info.run_id
-    run_cli([sys.executable, "scripts/compare_runs.py", *args, "--run", "baseline_seg seed 0"])
+
+    run_cli([*args, "--run-id", first_of_two.info.run_id, "--run-name", "baseline_seg seed 0"])
     table = json.loads((tmp_path / "comparison.json").read_text())
+    assert table["runs"]["multitask"] == first_of_two.info.run_id
     assert table["models"]["baseline_seg"]["validation_brats_patient_dice_mean"] == 0.81
-    missing = run_cli([sys.executable, "scripts/compare_runs.py", *args, "--run", "nope"], check=False)
-    assert missing.returncode == 1 and "No pipeline run with id or name 'nope'" in missing.stderr
+    # A name two runs share: the newest, and stderr says so.
+    result = run_cli([*args, "--run-name", "multitask seed 1"])
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert table["models"]["multitask"]["validation_brats_patient_dice_mean"] == 0.84
+    assert "2 pipeline runs are named 'multitask seed 1': showing the newest" in result.stderr
+    # Nothing matches: one line naming what was searched, no traceback.
+    for option, by, wanted in (("--run-id", "id", first_of_two.info.run_id[::-1]), ("--run-name", "name", "nope")):
+        missing = run_cli([*args, option, wanted], check=False)
+        expected = f"No pipeline run with {by} {wanted!r} in experiment 'seed_study' at {uri}."
+        assert missing.returncode == 1 and expected in missing.stderr.splitlines(), missing.stderr
+        assert "Traceback" not in missing.stderr
+    # The comparisons went into the store's artifacts where it is now.
+    assert list((tmp_path / "after" / "artifacts").glob("*/artifacts/comparison/comparison.json"))
+    assert not (tmp_path / "before").exists()

@@ -19,6 +19,7 @@ from scripts.networks import (
     create_multi_task_model,
     create_segmentation_unet,
     load_network_weights,
+    require_fitting_weights,
     segmentation_state_dict,
 )
 from scripts.networks.normalization import DomainBatchNorm2d, is_batch_norm
@@ -211,6 +212,19 @@ def test_checkpoint_of_another_size_names_the_shape_mismatch() -> None:
     other = create_multi_task_model(base_filters=4, depth=3)
     with pytest.raises(CheckpointMismatchError, match=r"encoder\.stem\.conv1\.weight: checkpoint \(4, 1, 3, 3\)"):
         load_network_weights(create_multi_task_model(**SMALL), other.state_dict())
+
+
+def test_a_model_file_of_another_network_names_the_settings_to_fix(tmp_path) -> None:
+    path = tmp_path / "model.pt"
+    torch.save(create_multi_task_model(**SMALL).state_dict(), path)
+    settings = {"base_filters": 16, "depth": 3}
+    require_fitting_weights(create_multi_task_model(**SMALL), path, settings)  # fits: nothing to say
+    with pytest.raises(CheckpointMismatchError) as error:
+        require_fitting_weights(create_multi_task_model(base_filters=16, depth=3), path, settings)
+    message = str(error.value)
+    assert message.startswith(f"{path} does not fit the network this config builds (shape mismatches: ")
+    assert "base_filters 16" in message and "Add the preset (configs/*.yaml) the model was trained with" in message
+    assert len(message) < 1000, "one message, not a line per tensor"
 
 
 def test_components_are_swappable_parts() -> None:

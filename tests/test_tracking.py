@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -273,6 +274,45 @@ def test_processes_that_open_a_new_sqlite_store_at_once_all_get_it(tmp_path: Pat
     outputs = [process.communicate(timeout=120)[0] for process in processes]
     assert [process.returncode for process in processes] == [0] * 4, "\n".join(outputs)
     assert len(MlflowClient(tracking_uri=uri).search_experiments(filter_string="name = 'brain_tumour_multitask'")) == 1
+
+
+def test_a_moved_store_reads_its_old_artifacts_and_writes_new_ones_beside_it(tmp_path: Path, caplog) -> None:
+    # MLflow records absolute artifact locations: a moved repository read and wrote the old place.
+    from scripts.tracking import TrackingClient, mlflow_client
+
+    old, new, note = tmp_path / "repo", tmp_path / "moved", tmp_path / "note.txt"
+    note.write_text("logged before the move")
+    before = TrackingClient("sqlite:///" + str(old / "mlruns" / "mlflow.db"), EXPERIMENT)
+    elsewhere = tmp_path / "elsewhere" / "artifacts"  # not the store's: left alone
+    elsewhere.mkdir(parents=True)
+    before.client.create_experiment("own folder", artifact_location=elsewhere.as_uri())
+    run_id = before.start_run("before the move", {"kind": "pipeline"})
+    before.log_artifact(run_id, note, "notes")
+    assert before.error is None
+    assert (old / "mlruns" / "artifacts" / run_id / "artifacts" / "notes" / "note.txt").is_file()
+    old.rename(new)
+
+    uri = "sqlite:///" + str(new / "mlruns" / "mlflow.db")
+    with caplog.at_level(logging.INFO, logger="scripts.tracking"):
+        after = TrackingClient(uri, EXPERIMENT)
+        client = mlflow_client(uri)  # a second opener finds nothing left to re-point
+    assert len([record for record in caplog.records if "was moved" in record.getMessage()]) == 1
+    assert _artifacts(client, run_id) == {"notes/note.txt"}
+    assert Path(client.download_artifacts(run_id, "notes/note.txt", str(tmp_path))).read_text() == note.read_text()
+    new_run = after.start_run("after the move", {"kind": "pipeline"})
+    after.log_artifact(new_run, note, "notes")
+    assert after.error is None
+    assert (new / "mlruns" / "artifacts" / new_run / "artifacts" / "notes" / "note.txt").is_file()
+    assert client.get_experiment_by_name("own folder").artifact_location == elsewhere.as_uri()
+    assert not old.exists()  # nothing was written at the old place
+
+    # A copy reads and writes its own artifacts; the original keeps its own.
+    shutil.copytree(new, tmp_path / "copy")
+    copy = mlflow_client("sqlite:///" + str(tmp_path / "copy" / "mlruns" / "mlflow.db"))
+    copied = (tmp_path / "copy" / "mlruns" / "artifacts" / run_id / "artifacts").as_uri()
+    assert copy.get_run(run_id).info.artifact_uri == copied
+    assert _artifacts(copy, run_id) == {"notes/note.txt"}
+    assert client.get_run(run_id).info.artifact_uri.startswith((new / "mlruns" / "artifacts").as_uri() + "/")
 
 
 def test_a_server_tracks_a_stage_and_a_rerun_never_merges(prepared_small: Path, tmp_path: Path) -> None:

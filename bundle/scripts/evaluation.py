@@ -960,7 +960,7 @@ def require_model(path: str | os.PathLike[str]) -> Path:
     model = Path(path)
     if not model.is_file():
         raise UsageError(
-            f"No trained model at {model}: train it first with `python -m monai.bundle run --config_file "
+            f"No trained model at {model}: train it first with `python scripts/train.py --config_file "
             "\"['bundle/configs/train.yaml', PRESET]\" --bundle_root bundle --dataset_dir PREPARED_DIR`."
         )
     return model

@@ -38,6 +38,7 @@ from .datasets import check_prepared, data_digest
 from .errors import UsageError
 from .files import file_sha256, write_json_atomic
 from .handlers import AtomicCheckpointSaver
+from .networks.checkpoints import is_bundle_model
 from .stages import as_bool
 from .tracking import flatten_settings
 
@@ -307,8 +308,7 @@ class StageCheckpoints:
         torch.save(state.get("model", state), partial)
         os.replace(partial, model_path)
         # The bundle describes the model it ships (models/model.pt beside configs/), not a baseline's or one elsewhere.
-        bundle_models = Path(metadata_file).resolve().parent.parent / "models" if metadata_file else None
-        if bundle_models == Path(model_path).resolve().parent and network is not None:
+        if is_bundle_model(metadata_file, model_path) and network is not None:
             describe_network(metadata_file, network)
         return model_path
 

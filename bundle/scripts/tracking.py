@@ -4,9 +4,10 @@ The stage runs are MONAI's ``MLFlowHandler`` (:class:`StageRun`); the parent run
 around the stages (:class:`PipelineRun`); an evaluation finds the run that trained its model from the model file's
 sha256, which that run carries as a tag (:func:`log_evaluation`).
 
-The store is an embedded sqlite database under the bundle (``<bundle_root>/mlruns/mlflow.db``, artifacts beside it)
-unless ``MLFLOW_TRACKING_URI`` or ``--tracking_uri`` names another (a team's ``http://`` tracking server, or a
-database URI). Tracking never costs the training: a store that fails mid-run is reported and logging stops, while
+The store is an embedded sqlite database under the bundle (``<bundle_root>/mlruns/mlflow.db``, artifacts beside it,
+found there again when the repository is moved or copied: :func:`repoint_moved_store`) unless
+``MLFLOW_TRACKING_URI`` or ``--tracking_uri`` names another (a team's ``http://`` tracking server, or a database URI).
+Tracking never costs the training: a store that fails mid-run is reported and logging stops, while
 training, checkpoints and evaluation carry on. A tracking server that cannot be reached when a run starts stops it
 at once, before any data is loaded, unless the run is started with ``--mlflow_tracking false``.
 """
@@ -14,18 +15,21 @@ at once, before any data is loaded, unless the run is started with ``--mlflow_tr
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import logging
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +92,8 @@ def artifact_location(tracking_uri: str) -> str | None:
 
 @contextmanager
 def store_lock(tracking_uri: str) -> Iterator[None]:
-    """Hold an exclusive lock while a local sqlite store is opened: the first opener creates its tables.
+    """Hold an exclusive lock while a local sqlite store is opened: the first opener creates its tables, and a moved
+    store is re-pointed at its artifacts (:func:`repoint_moved_store`) before anyone uses it.
 
     MLflow creates a new sqlite database's tables when the first client opens it. Two processes doing that at once
     (``scripts/demo.sh`` trains the baselines beside the multi-task pipeline) both run the migrations and one fails
@@ -96,13 +101,73 @@ def store_lock(tracking_uri: str) -> Iterator[None]:
     wait, then find them there.
     """
     database = sqlite_database(tracking_uri)
-    if database is None or fcntl is None:
+    if database is None:
         yield
         return
     database.parent.mkdir(parents=True, exist_ok=True)
     with open(database.parent / f"{database.name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        repoint_moved_store(tracking_uri)
         yield
+
+
+# Where MLflow 3's sqlite schema records artifact locations (mlflow/store/{tracking,model_registry}/dbmodels).
+ARTIFACT_COLUMNS = (
+    ("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"), ("model_versions", "source"),
+)  # fmt: skip
+
+
+def repoint_moved_store(tracking_uri: str) -> None:
+    """Point a local sqlite store that was moved or copied at the ``artifacts/`` folder beside it now.
+
+    MLflow records absolute artifact URIs in the experiment, every run and every logged model, so a moved or copied
+    repository would read its old runs' artifacts from, and write new ones into, the old place. The locations under
+    the store's own ``artifacts/`` folder at its old place (:func:`_old_store_artifacts`) are rewritten to this
+    store's, in every table that records one; any other (a server's, another folder) is left alone. Called under
+    :func:`store_lock`, so that concurrent openers do not race.
+    """
+    database = sqlite_database(tracking_uri)
+    if database is None or not database.is_file():
+        return
+    here = (database.parent / "artifacts").resolve()
+    try:
+        with closing(sqlite3.connect(database, timeout=60)) as connection, connection:  # one transaction
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "experiments" not in tables:  # a new database, its tables not made yet
+                return
+            old_roots = {
+                location.rstrip("/") for (location,) in connection.execute("SELECT artifact_location FROM experiments")
+                if _old_store_artifacts(connection, (location or "").rstrip("/"), here)
+            }  # fmt: skip
+            places = [(table, column) for table, column in ARTIFACT_COLUMNS if table in tables]
+            for old, (table, column) in itertools.product(old_roots, places):
+                connection.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE {column} = ? "
+                    f"OR substr({column}, 1, ?) = ?",
+                    (here.as_uri(), len(old) + 1, old, len(old) + 1, old + "/"),
+                )
+    except sqlite3.Error as error:  # tracking never costs the training: MLflow reports a store it cannot use
+        logger.warning("Could not check the artifact locations of MLflow store %s: %s", database, error)
+        return
+    if old_roots:
+        logger.info("MLflow store %s was moved or copied: artifact locations %s now point to %s", database,
+                    sorted(old_roots), here.as_uri())  # fmt: skip
+
+
+def _old_store_artifacts(connection: sqlite3.Connection, location: str, here: Path) -> bool:
+    """Whether an experiment's artifact location is this store's ``artifacts/`` folder at its old place: a local
+    folder of that name, not this one, that is gone (the store was moved) or whose runs' folders are beside the
+    database now (copied). A folder still there whose runs' artifacts are not here is someone else's."""
+    if not location.startswith("file:") or not location.endswith("/artifacts") or location == here.as_uri():
+        return False
+    if not Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path)).exists():
+        return True
+    runs = connection.execute(
+        "SELECT run_uuid FROM runs WHERE substr(artifact_uri, 1, ?) = ?", (len(location) + 1, location + "/")
+    )
+    return any((here / run_id).is_dir() for (run_id,) in runs)
 
 
 def mlflow_client(tracking_uri: str) -> MlflowClient:

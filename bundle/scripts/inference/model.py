@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +119,7 @@ def settings_from_model(path: Path | str, slice_batch_size: int | None = None) -
             merged[key], set_by[key] = value, name
     if slice_batch_size is not None:
         merged["batch_size"] = slice_batch_size
-    return settings_from_config(merged, f"model {path}")
+    return settings_from_config(merged, f"model {path}", embedded_metadata(path))
 
 
 def load_torchscript(path: Path | str, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
@@ -143,7 +144,12 @@ def _check_against_model(path: Path, settings: InferenceSettings) -> None:
 
 
 def inference_network(
-    model_file: Path | str, network_def: nn.Module | None, device: torch.device | str, settings: InferenceSettings
+    model_file: Path | str,
+    network_def: nn.Module | None,
+    device: torch.device | str,
+    settings: InferenceSettings,
+    network_settings: Mapping[str, Any] | None = None,
+    metadata_file: Path | str = "",
 ) -> nn.Module:
     """The network to run: ``model.ts`` loaded on its own, or ``network_def`` for a ``model.pt`` checkpoint.
 
@@ -153,9 +159,12 @@ def inference_network(
         network_def: The eager network (None when the config disabled it for a ``.ts`` file).
         device: Where to run.
         settings: The run's settings, checked against those embedded in a ``.ts`` file.
+        network_settings: The config's network settings, named when a ``.pt`` file's weights do not fit.
+        metadata_file: The bundle's ``metadata.json``, which describes its own ``models/model.pt``.
 
     Raises:
-        UsageError: When a ``.ts`` file was exported with other preprocessing settings than the run's.
+        UsageError: When a ``.ts`` file was exported with other preprocessing settings than the run's, or a ``.pt``
+            file's weights do not fit ``network_def``.
     """
     path = Path(model_file)
     if path.suffix == ".ts":
@@ -164,4 +173,7 @@ def inference_network(
         return load_torchscript(path, device)
     if network_def is None:
         raise UsageError(f"model file {path} is a checkpoint; the config's network_def is needed to load it")
+    from ..networks.checkpoints import require_fitting_weights  # the network code, needed for a .pt file only
+
+    require_fitting_weights(network_def, path, network_settings or {}, metadata_file)
     return network_def.to(device)

@@ -14,6 +14,7 @@ __all__ = ["DEFAULT_MIN_BRAIN_FRACTION", "InferenceSettings", "make_settings", "
 DEFAULT_MIN_BRAIN_FRACTION = 0.05
 DEFAULT_SLICE_BATCH_SIZE = 16
 # The config keys that carry the settings (those of configs/inference.yaml and the presets).
+_META_REFERENCE = "@_meta_#"
 _CONFIG_KEYS = {
     "image_size": "image_size",
     "in_channels": "in_channels",
@@ -92,12 +93,16 @@ def make_settings(
     return InferenceSettings(image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size)
 
 
-def settings_from_config(config: Mapping[str, Any], source: str) -> InferenceSettings:
-    """Settings from a merged bundle config (plain values only, as in configs/inference.yaml and the presets).
+def settings_from_config(
+    config: Mapping[str, Any], source: str, metadata: Mapping[str, Any] | None = None
+) -> InferenceSettings:
+    """Settings from a merged bundle config (plain values, as in the presets, or references into the metadata, as
+    configs/inference.yaml's ``@_meta_#network_settings#image_size``).
 
     Args:
         config: Top-level config items, later files already merged over earlier ones.
         source: What the config came from, named in errors (e.g. the model file).
+        metadata: The bundle's metadata (``_meta_``), for references into it.
 
     Raises:
         ValueError: When a setting is missing or is an expression or reference that only a bundle run can resolve.
@@ -107,7 +112,9 @@ def settings_from_config(config: Mapping[str, Any], source: str) -> InferenceSet
         if key not in config:
             continue
         value = config[key]
-        if isinstance(value, str) and value.startswith(("$", "@", "%")):
+        if isinstance(value, str) and value.startswith(_META_REFERENCE) and metadata is not None:
+            value = _metadata_value(metadata, value.removeprefix(_META_REFERENCE).split("#"), source)
+        elif isinstance(value, str) and value.startswith(("$", "@", "%")):
             raise ValueError(f"{source}: config item {key!r} is {value!r}; inference needs a plain value")
         values[name] = value
     missing = [
@@ -116,3 +123,12 @@ def settings_from_config(config: Mapping[str, Any], source: str) -> InferenceSet
     if missing:
         raise ValueError(f"{source}: its config does not set {', '.join(missing)}")
     return make_settings(**values)
+
+
+def _metadata_value(metadata: Mapping[str, Any], keys: Sequence[str], source: str) -> Any:
+    value: Any = metadata
+    for key in keys:
+        if not isinstance(value, Mapping) or key not in value:
+            raise ValueError(f"{source}: its metadata has no {'#'.join(keys)}")
+        value = value[key]
+    return value

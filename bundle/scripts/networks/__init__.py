@@ -1,7 +1,13 @@
 """The multi-task U-Net: a shared encoder, a segmentation decoder and a classification head."""
 
 from .blocks import DoubleConv, DownBlock, UpBlock
-from .checkpoints import CheckpointMismatchError, load_network_weights, segmentation_state_dict
+from .checkpoints import (
+    CheckpointMismatchError,
+    is_bundle_model,
+    load_network_weights,
+    require_fitting_weights,
+    segmentation_state_dict,
+)
 from .classification_head import ClassificationHead
 from .decoder import UNetDecoder
 from .encoder import UNetEncoder
@@ -19,6 +25,8 @@ __all__ = [
     "UpBlock",
     "create_multi_task_model",
     "create_segmentation_unet",
+    "is_bundle_model",
     "load_network_weights",
+    "require_fitting_weights",
     "segmentation_state_dict",
 ]
