@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+from filelock import FileLock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 BUNDLE_ROOT = REPO_ROOT / "bundle"
 
 # As `python -m monai.bundle run` does: the bundle root on sys.path makes its package importable as `scripts`.
@@ -56,22 +61,46 @@ def pipeline_run(config_files: list[str], *overrides: str, **kwargs) -> subproce
     return run_cli([*command, *overrides], **kwargs)
 
 
+def made_once(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str, make: Callable[[Path], T]) -> T:
+    """``make(folder)``'s result, made once per test run: under pytest-xdist (scripts/test.sh runs two workers) the
+    first worker to ask makes it in the run's shared temporary folder while the others wait, then all read it (a
+    session fixture alone would be made once per worker). The result must be JSON-able (paths as strings inside)."""
+    if worker_id == "master":  # one process: nothing to share
+        return make(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent  # this run's, shared by its workers
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.is_file():
+            folder = root / name
+            folder.mkdir()
+            done.write_text(json.dumps(make(folder), default=str))
+    return json.loads(done.read_text())
+
+
 @pytest.fixture(scope="session")
-def synthetic_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def synthetic_small(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """Synthetic BraTS-2021 and Kaggle data in the real layouts, at the generator's small test size."""
-    out = tmp_path_factory.mktemp("synthetic") / "data"
-    run_cli([sys.executable, "scripts/make_synthetic_data.py", "--out", str(out), "--small", "--seed", "3"])
-    return out
+
+    def make(folder: Path) -> str:
+        out = folder / "data"
+        run_cli([sys.executable, "scripts/make_synthetic_data.py", "--out", str(out), "--small", "--seed", "3"])
+        return str(out)
+
+    return Path(made_once(tmp_path_factory, worker_id, "synthetic", make))
 
 
 @pytest.fixture(scope="session")
-def prepared_small(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def prepared_small(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """The small synthetic data prepared as the bundle reads it, at TINY_SIZE."""
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
-    brats, kaggle = str(synthetic_small / "brats"), str(synthetic_small / "kaggle")
-    run_cli([sys.executable, "scripts/prepare_data.py", "--brats", brats, "--kaggle", kaggle, "--out", str(out),
-             "--size", str(TINY_SIZE)])  # fmt: skip
-    return out
+
+    def make(folder: Path) -> str:
+        out = folder / "prepared"
+        brats, kaggle = str(synthetic_small / "brats"), str(synthetic_small / "kaggle")
+        run_cli([sys.executable, "scripts/prepare_data.py", "--brats", brats, "--kaggle", kaggle, "--out", str(out),
+                 "--size", str(TINY_SIZE)])  # fmt: skip
+        return str(out)
+
+    return Path(made_once(tmp_path_factory, worker_id, "prepared", make))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -88,24 +117,28 @@ EVALUATE = "bundle/configs/evaluate.yaml"
 
 
 @pytest.fixture(scope="session")
-def trained(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | str]:
+def trained(prepared_small: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> dict[str, Path | str]:
     """The README's main job, tiny: all three stages through the real CLI (scripts/train.py runs them in order), the
     test-split evaluation, then both baselines, each evaluated, all tracked into their own sqlite MLflow store."""
-    root = tmp_path_factory.mktemp("trained")
-    dirs: dict[str, Path | str] = {"ckpt": root / "models", "eval": root / "eval", "data": prepared_small}
-    dirs["tracking_uri"] = "sqlite:///" + str(root / "mlruns" / "mlflow.db")
-    common = ["--dataset_dir", str(prepared_small), "--ckpt_dir", str(dirs["ckpt"]), "--output_dir", str(dirs["eval"]),
-              "--tracking_uri", str(dirs["tracking_uri"])]  # fmt: skip
-    result = pipeline_run([TRAIN, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
-    dirs["train_log"] = root / "train.log"
-    dirs["train_log"].write_text(result.stdout + result.stderr)
-    result = bundle_run([TRAIN, EVALUATE, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
-    dirs["eval_log"] = root / "eval.log"
-    dirs["eval_log"].write_text(result.stdout + result.stderr)
-    dirs["model_sha256"] = hashlib.sha256((root / "models" / "model.pt").read_bytes()).hexdigest()
-    for variant in ("baseline_seg", "baseline_cls"):
-        preset = f"configs/{variant}.yaml"
-        result = pipeline_run([TRAIN, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
-        (root / f"{variant}.log").write_text(result.stdout + result.stderr)
-        bundle_run([TRAIN, EVALUATE, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
-    return dirs
+
+    def make(root: Path) -> dict[str, str]:
+        dirs: dict[str, Path | str] = {"ckpt": root / "models", "eval": root / "eval", "data": prepared_small}
+        dirs["tracking_uri"] = "sqlite:///" + str(root / "mlruns" / "mlflow.db")
+        common = ["--dataset_dir", str(prepared_small), "--ckpt_dir", str(dirs["ckpt"]), "--output_dir",
+                  str(dirs["eval"]), "--tracking_uri", str(dirs["tracking_uri"])]  # fmt: skip
+        result = pipeline_run([TRAIN, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
+        dirs["train_log"] = root / "train.log"
+        dirs["train_log"].write_text(result.stdout + result.stderr)
+        result = bundle_run([TRAIN, EVALUATE, "configs/demo.yaml"], *common, *TINY_OVERRIDES)
+        dirs["eval_log"] = root / "eval.log"
+        dirs["eval_log"].write_text(result.stdout + result.stderr)
+        dirs["model_sha256"] = hashlib.sha256((root / "models" / "model.pt").read_bytes()).hexdigest()
+        for variant in ("baseline_seg", "baseline_cls"):
+            preset = f"configs/{variant}.yaml"
+            result = pipeline_run([TRAIN, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
+            (root / f"{variant}.log").write_text(result.stdout + result.stderr)
+            bundle_run([TRAIN, EVALUATE, "configs/demo.yaml", preset], *common, *TINY_OVERRIDES)
+        return {key: str(value) for key, value in dirs.items()}
+
+    made = made_once(tmp_path_factory, worker_id, "trained", make)
+    return {key: value if key in ("tracking_uri", "model_sha256") else Path(value) for key, value in made.items()}
