@@ -336,6 +336,7 @@ def test_two_process_distributed_training_runs_the_same_three_stages(prepared_sm
     per_process = math.ceil(math.ceil(len(datalist["brats_training"]) / 2) / 8)
     assert re.search(rf"Epoch: 1/1, Iter: {per_process}/{per_process} ", log)
     assert log.count("Epoch: 1/1, Iter: 1/") == 3, "one line per stage: only rank 0 logs"
+    assert log.count("stage 3 (joint fine-tuning): tasks") == 1, "only rank 0 says what the stage does"
     # Stage 2 estimated the Kaggle images' BatchNorm statistics before training the head, as one process does.
     stage1, stage2 = (torch.load(tmp_path / "models" / "multitask" / f"stage{s}" / "best.pt") for s in (1, 2))
     statistics = [k for k in stage1 if k.startswith("encoder.") and "running_mean" in k]

@@ -50,11 +50,12 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from .data.images import KAGGLE_CLASSES
 from .errors import UsageError
 from .files import write_json_atomic
+from .report import write_report
 
 __all__ = [
-    "KAGGLE_CLASSES",
     "SOURCES",
     "ClassificationRecord",
     "EvaluationRecords",
@@ -75,9 +76,6 @@ logger = logging.getLogger(__name__)
 
 THRESHOLD = 0.5
 SOURCES: tuple[str, ...] = ("brats", "kaggle")
-# Same order as scripts.data.images.KAGGLE_CLASSES (alphabetical folder names); repeated here so evaluation does
-# not depend on the data-preparation package.
-KAGGLE_CLASSES: tuple[str, ...] = ("glioma", "meningioma", "notumor", "pituitary")
 _SEGMENTATION_KEYS = ("seg_prob", "label", "slice", "patient")
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -688,8 +686,6 @@ def write_results(
     Returns:
         Name -> path of every file written (``metrics``, ``per_patient``, ``report`` and one per figure).
     """
-    from scripts.report import write_report  # imported here: report imports this module's types
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     flat = {str(key): _json_number(value) for key, value in metrics.items()}

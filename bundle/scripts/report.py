@@ -18,10 +18,10 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from sklearn.metrics import auc, roc_curve
 
-from .evaluation import KAGGLE_CLASSES
+from .data.images import KAGGLE_CLASSES
 
-if TYPE_CHECKING:
-    from scripts.evaluation import EvaluationRecords, ExampleSlice, PatientScore
+if TYPE_CHECKING:  # annotations only: evaluation imports this module, never the other way round
+    from .evaluation import EvaluationRecords, ExampleSlice, PatientScore
 
 __all__ = ["format_value", "write_report"]
 

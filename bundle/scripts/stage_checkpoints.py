@@ -158,10 +158,11 @@ class StageCheckpoints:
             path = os.path.join(self.directory, RECORD)
             write_json_atomic(path, {**(_read_json(path) or {}), **changes})
 
-    def check(self, dry_run: bool = False) -> str:
+    def check(self, dry_run: bool = False, announce: bool = False) -> str:
         """Decide whether this run starts the stage, resumes it, or has nothing to train; returns a line for the log.
 
         With ``dry_run`` nothing is written or removed (the pipeline launcher asks each stage before it starts).
+        With ``announce`` the line is also printed, by rank 0 only (every process of a DDP run checks).
 
         Raises:
             UsageError: the prepared data do not fit the network, the starting checkpoint is missing, or the stage's
@@ -193,11 +194,14 @@ class StageCheckpoints:
             f"{list(spec['trainable'])}, data {spec['data']}, {self.epochs} epochs, checkpoints in {self.directory}"
         )
         if self.done:
-            return f"{what}: already trained, nothing to do (--restart true trains it again)."
-        if self.resume_path:
-            return f"{what}: resumes after epoch {done} from {self.resume_path}."
-        start = f"from {self.init_path}" if self.init_dir else "from scratch"
-        return f"{what}: starts {start}."
+            line = f"{what}: already trained, nothing to do (--restart true trains it again)."
+        elif self.resume_path:
+            line = f"{what}: resumes after epoch {done} from {self.resume_path}."
+        else:
+            line = f"{what}: starts {f'from {self.init_path}' if self.init_dir else 'from scratch'}."
+        if announce and self.rank == 0:
+            print(line, flush=True)
+        return line
 
     def _check_record(self, record: Mapping[str, Any] | None) -> None:
         """Stop when existing checkpoints were made for something else than this run."""

@@ -15,6 +15,7 @@ at once, before any data is loaded, unless the run is started with ``--mlflow_tr
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import logging
@@ -168,6 +169,21 @@ def _old_store_artifacts(connection: sqlite3.Connection, location: str, here: Pa
         "SELECT run_uuid FROM runs WHERE substr(artifact_uri, 1, ?) = ?", (len(location) + 1, location + "/")
     )
     return any((here / run_id).is_dir() for (run_id,) in runs)
+
+
+@contextmanager
+def _environment(**variables: str) -> Iterator[None]:
+    """These environment variables set for the duration of the block, then as they were."""
+    before = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def mlflow_client(tracking_uri: str) -> MlflowClient:
@@ -338,6 +354,14 @@ class TrackingClient:
             logger.error("MLflow tracking failed and is off for the rest of this run: %s", self.error)
             return None
 
+    def __getattr__(self, name: str) -> Any:
+        """Any other method of MLflow's client, made as fault-tolerant as :meth:`call` (MONAI's MLFlowHandler calls
+        ``log_batch``, ``set_terminated`` ... on the client it is given)."""
+        if "client" not in self.__dict__:  # not set up yet (a copy being made)
+            raise AttributeError(name)
+        attribute = getattr(self.__dict__["client"], name)
+        return functools.partial(self.call, attribute) if callable(attribute) else attribute
+
     def experiment_id(self) -> str | None:
         if self._experiment_id is None:
             self._experiment_id = self.call(self._get_or_create_experiment)
@@ -457,15 +481,22 @@ def _log_prepared_data(client: MlflowClient, run_id: str, dataset_dir: str | os.
 
 
 class StageRun(MLFlowHandler):
-    """MONAI's :class:`~monai.handlers.MLFlowHandler` for one training stage, with what a staged pipeline needs:
+    """MONAI's :class:`~monai.handlers.MLFlowHandler` for one training stage, changed where a staged pipeline needs it.
 
-    - a new run every time, under the pipeline's parent run (MONAI's handler reuses an unfinished run of the same
-      name, which would merge a rerun into an interrupted one);
-    - store failures reported once, never raised: the training goes on;
-    - per-iteration loss terms and learning rates (by parameter group name) written in batches, per-epoch means,
-      and the validator's metrics at the trainer's epoch;
+    MONAI's: the run's state (``cur_run``, ``run_finish_status``), the per-epoch metric logging (``_log_metrics``)
+    and the closing of the run (``close``: its status, and the sqlite store released). Changed, and why:
+
+    - the client is this project's :class:`TrackingClient` on the configured store: MONAI's handler prefers
+      ``MLFLOW_TRACKING_URI`` over the ``tracking_uri`` it is given, and raises on a store failure, which would stop
+      the training; this one reports the failure once and the training goes on;
+    - a new run every time, under the pipeline's parent run, opened at the first epoch trained (after a resumed
+      state is loaded): MONAI's reuses an unfinished run of the same name, which merges a rerun into an interrupted
+      one;
+    - per-iteration loss terms and learning rates (by parameter group name) written in batches of ``flush_every``
+      iterations (MONAI's writes every iteration: a store round trip per step), per-epoch means, and the
+      validator's metrics at the trainer's epoch;
     - at the end the best checkpoint, as a file and as an MLflow model, the prepared data as the run's input, and
-      the checkpoint's sha256 as a tag.
+      the checkpoint's sha256 as a tag (how an evaluation finds the run of the model it scores).
 
     Args:
         tracking_uri: the MLflow store.
@@ -506,13 +537,11 @@ class StageRun(MLFlowHandler):
         self.enabled = as_bool(enabled, "mlflow_tracking")
         if not self.enabled:
             return
-        with store_lock(tracking_uri):
-            super().__init__(
-                tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name,
-                artifact_location=artifact_location(tracking_uri), close_on_complete=True,
-            )  # fmt: skip
-        # Its own client on the configured store: MONAI's prefers MLFLOW_TRACKING_URI over the tracking_uri it is given.
-        self.tracker = TrackingClient(tracking_uri, experiment_name)
+        # MONAI's handler opens its client on MLFLOW_TRACKING_URI when that is set, whatever tracking_uri it is
+        # given: pointed at the configured store while it does, so that it opens no other store.
+        with store_lock(tracking_uri), _environment(MLFLOW_TRACKING_URI=tracking_uri):
+            super().__init__(tracking_uri=tracking_uri, experiment_name=experiment_name, run_name=run_name)
+        self.client = TrackingClient(tracking_uri, experiment_name)  # see the class docstring
         self.parent_run_id = parent_run_id or ""
         self.tags = {key: str(value) for key, value in (tags or {}).items()}
         self.params = dict(params or {})
@@ -521,18 +550,20 @@ class StageRun(MLFlowHandler):
         self.network, self.example_shape = network, tuple(example_shape)
         self.code_dir, self.flush_every = code_dir, flush_every
         self.best_score = -math.inf
-        self.run_id: str | None = None
         self._trainer: Engine | None = None
         self._pending: list[Any] = []
         self._sums: dict[str, float] = {}
         self._count = 0
         self._started = self._epoch_started = 0.0
 
+    @property
+    def run_id(self) -> str | None:
+        return self.cur_run.info.run_id if self.cur_run is not None else None
+
     def attach(self, engine: Engine) -> None:
         if not self.enabled:
             return
         self._trainer = engine
-        # The run opens with the first epoch it trains, after a resumed state is loaded (its epoch is known then).
         engine.add_event_handler(Events.EPOCH_STARTED, self.start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
@@ -544,12 +575,13 @@ class StageRun(MLFlowHandler):
     def start(self, engine: Engine) -> None:
         self._epoch_started = time.perf_counter()
         self._sums, self._count = {}, 0
-        if self.run_id is not None or self.tracker.error is not None:
+        if self.cur_run is not None or self.client.error is not None:
             return
         self._started = self._epoch_started
         baseline = str(self.tags.get("variant", "multitask") != "multitask").lower()
         tags = {**self.tags, "kind": "stage", "baseline": baseline, "resumed_from_epoch": str(engine.state.epoch - 1)}
-        self.run_id = self.tracker.start_run(self.run_name, tags, self.parent_run_id)
+        run_id = self.client.start_run(self.run_name, tags, self.parent_run_id)
+        self.cur_run = self.client.get_run(run_id) if run_id else None
         params = {**self.params, "code_version": code_version(self.code_dir), "max_epochs": engine.state.max_epochs}
         if self.dataset_dir:
             params["data_summary"] = data_summary_params(self.dataset_dir)
@@ -560,10 +592,10 @@ class StageRun(MLFlowHandler):
             params["parameters_trainable"] = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
             tasks = self.params.get("stage", {}).get("tasks", ())
             params["parameters_used"] = parameters_used(self.network, tasks)
-        self.tracker.log_params(self.run_id, params)
-        self.tracker.log_dict(self.run_id, executed_config(), "config/executed_config.json")
+        self.client.log_params(self.run_id, params)  # in batches of 100, MLflow's limit (MONAI's sends one)
+        self.client.log_dict(self.run_id, executed_config(), "config/executed_config.json")
         if self.dataset_dir:
-            self.tracker.log_prepared_data(self.run_id, self.dataset_dir)
+            self.client.log_prepared_data(self.run_id, self.dataset_dir)
 
     def iteration_completed(self, engine: Engine) -> None:
         from mlflow.entities import Metric
@@ -587,43 +619,47 @@ class StageRun(MLFlowHandler):
     def epoch_completed(self, engine: Engine) -> None:
         self._flush()
         means = {f"train_{name}_epoch": total / max(self._count, 1) for name, total in self._sums.items()}
-        means["epoch_time_s"] = time.perf_counter() - self._epoch_started
-        self.tracker.log_metrics(self.run_id, means, step=engine.state.epoch)
+        self._log_finite({**means, "epoch_time_s": time.perf_counter() - self._epoch_started}, engine.state.epoch)
 
     def validated(self, validator: Engine) -> None:
         epoch = self._trainer.state.epoch if self._trainer is not None else validator.state.epoch
-        self.tracker.log_metrics(self.run_id, dict(validator.state.metrics), step=epoch)
+        self._log_finite(validator.state.metrics, epoch)
         score = validator.state.metrics.get("val_score", math.nan)
         if is_finite_number(score):
             self.best_score = max(self.best_score, float(score))
 
     def completed(self, engine: Engine) -> None:
-        if self.run_id is None:
+        if self.cur_run is None:
             return
         self._flush()
-        self.tracker.log_metrics(self.run_id, {"stage_time_s": time.perf_counter() - self._started})
-        self.tracker.log_metrics(self.run_id, {"best_val_score": self.best_score})
+        self._log_finite({"stage_time_s": time.perf_counter() - self._started, "best_val_score": self.best_score})
         if self.dataset_dir:
-            self.tracker.log_artifact(self.run_id, os.path.join(self.dataset_dir, "summary.json"), "data")
+            self.client.log_artifact(self.run_id, os.path.join(self.dataset_dir, "summary.json"), "data")
         if self.best_checkpoint and Path(self.best_checkpoint).is_file():
-            self.tracker.log_artifact(self.run_id, self.best_checkpoint, "checkpoints")
-            self.tracker.set_tag(self.run_id, MODEL_TAG, file_sha256(self.best_checkpoint))
+            self.client.log_artifact(self.run_id, self.best_checkpoint, "checkpoints")
+            self.client.set_tag(self.run_id, MODEL_TAG, file_sha256(self.best_checkpoint))
             if self.network is not None and self.example_shape:
                 best_network = copy.deepcopy(getattr(self.network, "module", self.network)).cpu()
                 best_network.load_state_dict(torch.load(self.best_checkpoint, map_location="cpu", weights_only=True))
-                self.tracker.log_model(self.run_id, best_network, torch.zeros(1, *self.example_shape))
-        self.tracker.end_run(self.run_id, "FINISHED")
-        print(self.tracker.report(f"Stage run {self.run_name!r}"), flush=True)
+                self.client.log_model(self.run_id, best_network, torch.zeros(1, *self.example_shape))
+        self.close()
+        print(self.client.report(f"Stage run {self.run_name!r}"), flush=True)
 
     def exception_raised(self, engine: Engine, error: BaseException) -> None:
         # ignite treats a registered EXCEPTION_RAISED handler as handling the error: close the run, then re-raise.
         self._flush()
-        self.tracker.end_run(self.run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        self.run_finish_status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        self.close()
         raise error
+
+    def _log_finite(self, metrics: Mapping[str, Any], step: int = 0) -> None:
+        """MONAI's ``_log_metrics`` with what MLflow cannot store left out (an undefined AUC is None or NaN)."""
+        if self.cur_run is not None:
+            self._log_metrics({key: float(v) for key, v in metrics.items() if is_finite_number(v)}, step=step)
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        self.tracker.log_metric_batch(self.run_id, pending)
+        self.client.log_metric_batch(self.run_id, pending)
 
 
 _TASK_COMPONENTS = {"seg": ("encoder", "decoder"), "cls": ("encoder", "cls_head")}
