@@ -9,10 +9,14 @@ interleaved round by round, and reported as medians. Ratios sit under keys that 
 Without ``--dataset-dir`` the data are generated (``make_synthetic_data.py``: 4 BraTS cases of 240x240x155 and
 200 Kaggle-style images) and prepared at the preset's image size under ``--work-dir``, once; later runs reuse them.
 
+``--only`` runs some sections alone (e.g. ``--only inference``: the back-ends and the fast volume path against
+plain fp32 eager); the others are left out of the JSON and the table.
+
 Example::
 
     python scripts/benchmark.py --preset demo --out demo.json
     python scripts/benchmark.py --preset full --out full.json     # the seed's network: minutes on a CPU
+    python scripts/benchmark.py --preset full --only inference --out full_inference.json
     python scripts/benchmark.py --preset full --train-config configs/gpu.yaml --batch-size 16 --peak-tflops 989
 """
 
@@ -43,10 +47,15 @@ INFER_CONFIG = "bundle/configs/inference.yaml"
 MAX_MULTITASK_OVER_SEG_ONLY = 1.05
 MIN_REAL_LOADING_OVER_COMPUTE_ONLY = 0.95
 MAX_SCRIPTED_OVER_EAGER = 1.0
+# The targets of issue 15: the fast volume path in at most this fraction of plain fp32 eager's time, same masks.
+MAX_FAST_OVER_EAGER_FP32 = 0.35
+MIN_FAST_MASK_DICE = 0.99
 # Generated data when no --dataset-dir is given: enough slices for several batches of every kind.
 SYNTHETIC_CASES = 4
 SYNTHETIC_KAGGLE_PER_CLASS = 50
 THREAD_POLICIES = ("ACTIVE", "PASSIVE")
+# What --only can pick; "memory" is the peak memory of training and of inference, "threads" the OpenMP study.
+SECTIONS = ("training", "data", "inference", "memory", "threads")
 
 
 @dataclass(frozen=True)
@@ -117,6 +126,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="training batch size (default: the preset's)")
     for name in ("steps", "loading-steps", "warmup", "rounds", "slice-rounds", "volume-rounds"):
         parser.add_argument(f"--{name}", type=int, help=f"override the preset's {name}")
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, help="measure only these sections (default: all; threads: demo preset)"
+    )
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        choices=phases.BACKENDS,
+        help="inference back-ends to compare (default: all; eager is always measured, with the fast path)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="trained model.pt of the preset for inference (default: random weights; the fast path's mask Dice "
+        "means something only with trained ones)",
+    )
     parser.add_argument("--no-onnx", action="store_true", help="leave ONNX Runtime out even when installed")
     parser.add_argument("--no-thread-study", action="store_true", help="skip the OpenMP wait-policy comparison")
     parser.add_argument(
@@ -170,10 +194,13 @@ def generate_synthetic(
     return out
 
 
-def generated_data(work_dir: Path, image_size: int) -> tuple[Path, Path]:
-    """Synthetic BraTS + Kaggle data prepared at ``image_size`` under ``work_dir`` (made once, then reused)."""
+def generated_data(work_dir: Path, image_size: int, prepare: bool = True) -> tuple[Path | None, Path]:
+    """Synthetic BraTS + Kaggle data under ``work_dir``, and, with ``prepare``, prepared at ``image_size`` (made
+    once, then reused): the prepared folder (None without ``prepare``) and the BraTS folder."""
     synthetic = work_dir / "synthetic"
     generate_synthetic(synthetic, SYNTHETIC_CASES, SYNTHETIC_KAGGLE_PER_CLASS, work_dir / "make_synthetic_data.log")
+    if not prepare:
+        return None, synthetic / "brats"
     prepared = work_dir / f"prepared_{image_size}"
     # prepare_data.py does nothing when its output is up to date.
     run_logged(
@@ -329,9 +356,24 @@ def inference_figures(raw: dict[str, Any]) -> dict[str, Any]:
         if name != "eager":
             figures[f"{name}_slice_s_over_eager_slice_s"] = ratio(slice_s[name], slice_s["eager"])
             figures[f"{name}_volume_s_over_eager_volume_s"] = ratio(volume_s[name], volume_s["eager"])
+    figures.update(fast_path_figures(raw, volume_s))
     figures["agreement"] = raw["agreement"]
     figures["rounds"] = {"slice_s": raw["slice_latency_s_rounds"], "volume_network_s": raw["volume_network_s_rounds"]}
     return figures
+
+
+def fast_path_figures(raw: dict[str, Any], volume_s: dict[str, float]) -> dict[str, Any]:
+    """The fast volume path (``fast_inference``) against plain fp32 eager over whole slices: seconds per volume
+    (reading and put-back included, the same for both), their ratio, and how far their answers are apart."""
+    return {
+        "fast_volume_s": volume_s["fast"],
+        "eager_fp32_volume_s": volume_s["eager"],
+        "fast_volume_s_over_eager_fp32_volume_s": ratio(volume_s["fast"], volume_s["eager"]),
+        "fast_vs_eager_fp32_mask_dice": raw["fast_vs_eager_fp32_mask_dice"],
+        "weights": raw["weights"],
+        "fast_vs_eager_fp32_max_tumour_probability_diff": raw["fast_vs_eager_fp32_max_tumour_probability_diff"],
+        "fast_brain_box": raw["fast_brain_box"],
+    }
 
 
 def thread_figures(raw: dict[str, Any]) -> dict[str, Any]:
@@ -349,15 +391,8 @@ def thread_figures(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def targets(result: dict[str, Any]) -> dict[str, Any]:
-    """Whether the issue's targets are met by the ratios of this run."""
-    training, inference = result["training"], result["inference"]
-    scripted = {
-        name: inference[f"{name}_volume_s_over_eager_volume_s"]
-        for name in ("torchscript", "torchscript_frozen", "onnxruntime")
-        if f"{name}_volume_s_over_eager_volume_s" in inference
-    }
-    best = min(scripted, key=scripted.get)
+def training_targets(training: dict[str, Any]) -> dict[str, Any]:
+    """Whether the training ratios of this run meet issue 7's targets."""
     return {
         "multitask_step_within_1.05x_of_seg_only": training["multitask_step_s_over_seg_only_step_s"]
         <= MAX_MULTITASK_OVER_SEG_ONLY,
@@ -365,10 +400,42 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
             "real_loading_images_per_s_over_compute_only_images_per_s"
         ]
         >= MIN_REAL_LOADING_OVER_COMPUTE_ONLY,
-        "scripted_or_onnx_not_slower_than_eager": scripted[best] <= MAX_SCRIPTED_OVER_EAGER,
-        "fastest_scripted_or_onnx_backend": best,
+    }
+
+
+def inference_targets(inference: dict[str, Any]) -> dict[str, Any]:
+    """Whether the inference ratios of this run meet issue 7's and issue 15's targets: the scripted back-ends' only
+    when one was measured, the fast path's masks only with trained weights (random ones make masks that say nothing
+    about it)."""
+    met: dict[str, Any] = {
+        "fast_volume_at_most_0.35_of_eager_fp32": inference["fast_volume_s_over_eager_fp32_volume_s"]
+        <= MAX_FAST_OVER_EAGER_FP32,
         "outputs_agree": all(entry["agree"] for entry in inference["agreement"].values()),
     }
+    if inference["weights"] != "random":
+        met["fast_masks_dice_at_least_0.99_with_eager_fp32"] = (
+            inference["fast_vs_eager_fp32_mask_dice"] >= MIN_FAST_MASK_DICE
+        )
+    scripted = {
+        name: inference[f"{name}_volume_s_over_eager_volume_s"]
+        for name in ("torchscript", "torchscript_frozen", "onnxruntime")
+        if f"{name}_volume_s_over_eager_volume_s" in inference
+    }
+    if scripted:
+        best = min(scripted, key=scripted.get)
+        met["scripted_or_onnx_not_slower_than_eager"] = scripted[best] <= MAX_SCRIPTED_OVER_EAGER
+        met["fastest_scripted_or_onnx_backend"] = best
+    return met
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """Whether the issues' targets are met by the ratios of this run, for the sections it measured."""
+    met: dict[str, Any] = {}
+    if "training" in result:
+        met.update(training_targets(result["training"]))
+    if "inference" in result:
+        met.update(inference_targets(result["inference"]))
+    return met
 
 
 def machine() -> dict[str, Any]:
@@ -402,10 +469,12 @@ def machine() -> dict[str, Any]:
 # Table
 
 
-def table(result: dict[str, Any]) -> str:
-    """The figures as a plain-text table."""
-    training, data, inference, memory = result["training"], result["data"], result["inference"], result["memory"]
-    rows = [
+Row = tuple[str, str, str]
+
+
+def training_rows(training: dict[str, Any]) -> list[Row]:
+    """Table rows of the training section."""
+    return [
         ("training: multi-task step", f"{training['multitask_images_per_s']:.1f} img/s",
          f"{training['multitask_step_s']:.3f} s/step"),
         ("training: seg-only step", f"{training['seg_only_images_per_s']:.1f} img/s",
@@ -417,10 +486,21 @@ def table(result: dict[str, Any]) -> str:
         ("training: compute only", f"{training['compute_only_images_per_s']:.1f} img/s", "same batches in memory"),
         ("  real loading / compute only",
          f"{training['real_loading_images_per_s_over_compute_only_images_per_s']:.3f}", ">= 0.95"),
+    ]  # fmt: skip
+
+
+def data_rows(data: dict[str, Any]) -> list[Row]:
+    """Table rows of the data section."""
+    return [
         ("data: cached loader", f"{data['cached_images_per_s']:.0f} img/s", f"cache {data['cache']}"),
         ("data: uncached loader", f"{data['uncached_images_per_s']:.0f} img/s", "cache none"),
         ("  cached / uncached", f"{data['cached_images_per_s_over_uncached_images_per_s']:.2f}", ""),
-    ]  # fmt: skip
+    ]
+
+
+def inference_rows(inference: dict[str, Any]) -> list[Row]:
+    """Table rows of the inference section: every back-end, then the fast volume path."""
+    rows = []
     for name in inference["backends"]:
         slice_ratio = inference.get(f"{name}_slice_s_over_eager_slice_s")
         volume_ratio = inference.get(f"{name}_volume_s_over_eager_volume_s")
@@ -430,26 +510,50 @@ def table(result: dict[str, Any]) -> str:
              f"{inference[f'{name}_volume_s']:.2f} s/volume {note}")
         )  # fmt: skip
     rows += [
+        ("inference: fast path", f"{inference['fast_volume_s']:.2f} s/volume",
+         f"brain box {inference['fast_brain_box']}"),
+        ("  fast / eager fp32 volume time", f"{inference['fast_volume_s_over_eager_fp32_volume_s']:.3f}", "<= 0.35"),
+        ("  fast / eager fp32 mask Dice", f"{inference['fast_vs_eager_fp32_mask_dice']:.4f}",
+         f">= 0.99 (weights: {inference['weights']})"),
+    ]  # fmt: skip
+    return rows + [("note", "", note) for note in inference["notes"]]
+
+
+def memory_rows(memory: dict[str, Any]) -> list[Row]:
+    """Table rows of the peak-memory section."""
+    return [
         ("peak RSS: training", f"{memory['training_peak_rss_mib']:.0f} MiB",
          f"with loader workers (PSS) {memory['training_peak_tree_pss_mib']:.0f} MiB"),
-        ("peak RSS: inference (one volume)", f"{memory['inference_peak_rss_mib']:.0f} MiB", "eager"),
+        ("peak RSS: inference (one volume)", f"{memory['inference_peak_rss_mib']:.0f} MiB", "as inference.yaml"),
     ]  # fmt: skip
-    if "threads" in result:
-        threads = result["threads"]
-        rows.append(
-            ("OpenMP wait policy PASSIVE / ACTIVE", f"{threads['passive_images_per_s_over_active_images_per_s']:.2f}",
-             f"{threads['passive_images_per_s']:.1f} vs {threads['active_images_per_s']:.1f} img/s")
-        )  # fmt: skip
-        rows += [
-            ("one thread / all (PASSIVE)", f"{threads['one_thread_images_per_s_over_passive_images_per_s']:.2f}",
-             f"{threads['one_thread_images_per_s']:.1f} img/s"),
-            ("two one-thread processes / one with all",
-             f"{threads['side_by_side_images_per_s_over_passive_images_per_s']:.2f}",
-             f"{threads['side_by_side_images_per_s']:.1f} img/s together"),
-        ]  # fmt: skip
-    for name, met in result["targets"].items():
-        rows.append((f"target: {name}", str(met), ""))
-    rows += [("note", "", note) for note in inference["notes"]]
+
+
+def thread_rows(threads: dict[str, Any]) -> list[Row]:
+    """Table rows of the OpenMP thread study."""
+    return [
+        ("OpenMP wait policy PASSIVE / ACTIVE", f"{threads['passive_images_per_s_over_active_images_per_s']:.2f}",
+         f"{threads['passive_images_per_s']:.1f} vs {threads['active_images_per_s']:.1f} img/s"),
+        ("one thread / all (PASSIVE)", f"{threads['one_thread_images_per_s_over_passive_images_per_s']:.2f}",
+         f"{threads['one_thread_images_per_s']:.1f} img/s"),
+        ("two one-thread processes / one with all",
+         f"{threads['side_by_side_images_per_s_over_passive_images_per_s']:.2f}",
+         f"{threads['side_by_side_images_per_s']:.1f} img/s together"),
+    ]  # fmt: skip
+
+
+SECTION_ROWS = {
+    "training": training_rows,
+    "data": data_rows,
+    "inference": inference_rows,
+    "memory": memory_rows,
+    "threads": thread_rows,
+}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The figures of the sections measured, as a plain-text table."""
+    rows = [row for section, make in SECTION_ROWS.items() if section in result for row in make(result[section])]
+    rows += [(f"target: {name}", str(met), "") for name, met in result["targets"].items()]
     width = max(len(row[0]) for row in rows)
     return "\n".join(f"{a:<{width}}  {b:>16}  {c}" for a, b, c in rows)
 
@@ -458,15 +562,15 @@ def table(result: dict[str, Any]) -> str:
 # Main
 
 
-def make_spec(args: argparse.Namespace, preset: Preset, dataset_dir: Path, volume_root: Path) -> phases.Spec:
-    """The phases' specification from the command line and the preset."""
+def make_spec(args: argparse.Namespace, preset: Preset, dataset_dir: Path | None, volume_root: Path) -> phases.Spec:
+    """The phases' specification from the command line and the preset (no ``dataset_dir``: inference only)."""
     batch_size = args.batch_size or preset.batch_size
     return phases.Spec(
         train_configs=[TRAIN_CONFIG, preset.config, *args.train_config],
         infer_configs=[INFER_CONFIG, preset.config],
         overrides=parse_overrides(args.overrides),
         train_overrides={} if batch_size is None else {"batch_size": batch_size},
-        dataset_dir=str(dataset_dir.resolve()),
+        dataset_dir="" if dataset_dir is None else str(dataset_dir.resolve()),
         volume_root=str(volume_root.resolve()),
         work_dir=str(args.work_dir.resolve()),
         steps=args.steps or preset.steps,
@@ -476,7 +580,56 @@ def make_spec(args: argparse.Namespace, preset: Preset, dataset_dir: Path, volum
         slice_rounds=args.slice_rounds or preset.slice_rounds,
         volume_rounds=args.volume_rounds or preset.volume_rounds,
         onnx=not args.no_onnx,
+        backends=args.backends,
+        checkpoint="" if args.checkpoint is None else str(args.checkpoint.resolve()),
     )
+
+
+def selected_sections(args: argparse.Namespace, preset: Preset) -> list[str]:
+    """The sections to measure: ``--only``'s, else all (the thread study only where the preset has one), less the
+    thread study with ``--no-thread-study``."""
+    default = [name for name in SECTIONS if name != "threads" or preset.thread_study]
+    return [name for name in (args.only or default) if not (name == "threads" and args.no_thread_study)]
+
+
+def benchmark_data(args: argparse.Namespace, image_size: int, sections: Sequence[str]) -> tuple[Path | None, Path]:
+    """The prepared data (None when only inference is measured: it reads volumes only) and the BraTS volumes:
+    those given on the command line, else generated under ``--work-dir``."""
+    needs_prepared = any(name != "inference" for name in sections)
+    dataset_dir, volume_root = args.dataset_dir, args.volume
+    if (needs_prepared and dataset_dir is None) or volume_root is None:
+        prepare = needs_prepared and dataset_dir is None
+        what = f"generating and preparing data at {image_size} px" if prepare else "generating volumes"
+        print(f"{what.capitalize()} under {args.work_dir} (once) ...", flush=True)
+        prepared, volumes = generated_data(args.work_dir, image_size, prepare=prepare)
+        dataset_dir, volume_root = dataset_dir or prepared, volume_root or volumes
+    return dataset_dir, volume_root
+
+
+def memory_figures(spec: phases.Spec, work_dir: Path) -> dict[str, Any]:
+    """Peak memory of training and of inference, each in a child process of its own."""
+    training_memory = run_phase("training_memory", spec, work_dir)
+    inference_memory = run_phase("inference_memory", spec, work_dir)
+    return {
+        "training_peak_rss_mib": training_memory["peak_rss_mib"],
+        "training_peak_tree_pss_mib": training_memory["peak_tree_pss_mib"],
+        "inference_peak_rss_mib": inference_memory["peak_rss_mib"],
+        **({"training_peak_gpu_allocated_mib": training_memory["peak_gpu_allocated_mib"]}
+           if "peak_gpu_allocated_mib" in training_memory else {}),
+    }  # fmt: skip
+
+
+def measure(sections: Sequence[str], spec: phases.Spec, args: argparse.Namespace) -> dict[str, Any]:
+    """The figures of every selected section, each phase in a child process of its own."""
+    work_dir = args.work_dir
+    measurers = {
+        "training": lambda: training_figures(run_phase("training", spec, work_dir), args.peak_tflops),
+        "data": lambda: data_figures(run_phase("data", spec, work_dir)),
+        "inference": lambda: inference_figures(run_phase("inference", spec, work_dir)),
+        "memory": lambda: memory_figures(spec, work_dir),
+        "threads": lambda: thread_figures(thread_study(spec, work_dir)),
+    }
+    return {name: measurers[name]() for name in SECTIONS if name in sections}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -488,31 +641,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     overrides = parse_overrides(args.overrides)
     image_size = int(config_value([TRAIN_CONFIG, preset.config, *args.train_config], overrides, "image_size"))
-    result: dict[str, Any] = {"preset": args.preset, "machine": machine()}
+    sections = selected_sections(args, preset)
+    result: dict[str, Any] = {"preset": args.preset, "sections": sections, "machine": machine()}
     start = time.perf_counter()
-    dataset_dir, volume_root = args.dataset_dir, args.volume
-    if dataset_dir is None or volume_root is None:
-        print(f"Generating and preparing data at {image_size} px under {args.work_dir} (once) ...", flush=True)
-        prepared, volumes = generated_data(args.work_dir, image_size)
-        dataset_dir, volume_root = dataset_dir or prepared, volume_root or volumes
-    spec = make_spec(args, preset, dataset_dir, volume_root)
+    spec = make_spec(args, preset, *benchmark_data(args, image_size, sections))
     result["settings"] = {**dataclasses.asdict(spec), "image_size": image_size}
-    print(f"Benchmark, preset {args.preset} (logs under {args.work_dir}):", flush=True)
-    training = run_phase("training", spec, args.work_dir)
-    result["training"] = training_figures(training, args.peak_tflops)
-    result["data"] = data_figures(run_phase("data", spec, args.work_dir))
-    result["inference"] = inference_figures(run_phase("inference", spec, args.work_dir))
-    training_memory = run_phase("training_memory", spec, args.work_dir)
-    inference_memory = run_phase("inference_memory", spec, args.work_dir)
-    result["memory"] = {
-        "training_peak_rss_mib": training_memory["peak_rss_mib"],
-        "training_peak_tree_pss_mib": training_memory["peak_tree_pss_mib"],
-        "inference_peak_rss_mib": inference_memory["peak_rss_mib"],
-        **({"training_peak_gpu_allocated_mib": training_memory["peak_gpu_allocated_mib"]}
-           if "peak_gpu_allocated_mib" in training_memory else {}),
-    }  # fmt: skip
-    if preset.thread_study and not args.no_thread_study:
-        result["threads"] = thread_figures(thread_study(spec, args.work_dir))
+    print(f"Benchmark, preset {args.preset}, {', '.join(sections)} (logs under {args.work_dir}):", flush=True)
+    result.update(measure(sections, spec, args))
     result["targets"] = targets(result)
     result["machine"]["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"] = round(time.perf_counter() - start, 1)

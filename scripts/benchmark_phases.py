@@ -11,6 +11,7 @@ another's figure.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import resource
 import statistics
@@ -29,6 +30,7 @@ BUNDLE_ROOT = REPO_ROOT / "bundle"
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from ignite.engine import Engine, Events  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
@@ -36,6 +38,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 from scripts.engines import performance_settings  # noqa: E402
 from scripts.inference import predict  # noqa: E402
 from scripts.inference.inputs import find_inputs  # noqa: E402
+from scripts.networks.checkpoints import load_network_weights  # noqa: E402
 
 # Stage 3 is the multi-task stage (segmentation + classification, BraTS batches alternating with Kaggle batches).
 # It starts from scratch here: the figures do not depend on the weights.
@@ -48,6 +51,8 @@ AGREEMENT_ATOL = 1e-3
 AGREEMENT_RTOL = 1e-3
 MIB = 1024 * 1024
 SLICE_CALLS = 5
+# The back-ends compared with the eager network at inference (inference_backends); eager is always measured.
+BACKENDS = ("eager", "eager_channels_last", "torchscript", "torchscript_frozen", "onnxruntime")
 
 
 @dataclass
@@ -70,6 +75,8 @@ class Spec:
         slice_rounds: rounds of the per-slice latency.
         volume_rounds: rounds of the per-volume latency.
         onnx: also measure ONNX Runtime when it is installed.
+        backends: the inference back-ends to measure (names of ``BACKENDS``; eager always); None: all of them.
+        checkpoint: trained weights (``model.pt``) for the inference phases; empty: random weights.
     """
 
     train_configs: list[str]
@@ -86,6 +93,8 @@ class Spec:
     slice_rounds: int = 20
     volume_rounds: int = 3
     onnx: bool = True
+    backends: list[str] | None = None
+    checkpoint: str = ""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,17 +471,22 @@ def inference_backends(
     - ``torchscript_frozen``: that module frozen and optimised for inference (BatchNorm folded into the
       convolutions, weights pre-packed for oneDNN).
     - ``onnxruntime``: ONNX Runtime's CPU provider, when it is installed (else a note in ``notes``).
+
+    Only those the spec names (``Spec.backends``), and eager always: it is what the others are compared with.
     """
     network = network.eval()
     device = next(network.parameters()).device
-    frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(network).eval()))
-    backends: dict[str, Callable] = {
-        "eager": network,
-        "eager_channels_last": performance_settings(copy.deepcopy(network), channels_last=True).eval(),
-        "torchscript": torch.jit.script(network).eval(),
-        "torchscript_frozen": OnDevice(frozen, device),
+    wanted = set(BACKENDS if spec.backends is None else spec.backends) | {"eager"}
+    makers: dict[str, Callable[[], Callable]] = {
+        "eager": lambda: network,
+        "eager_channels_last": lambda: performance_settings(copy.deepcopy(network), channels_last=True).eval(),
+        "torchscript": lambda: torch.jit.script(network).eval(),
+        "torchscript_frozen": lambda: OnDevice(
+            torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(network).eval())), device
+        ),
     }
-    if spec.onnx and device.type == "cpu":
+    backends = {name: make() for name, make in makers.items() if name in wanted}
+    if "onnxruntime" in wanted and spec.onnx and device.type == "cpu":
         session = onnx_network(network, example, Path(spec.work_dir) / "model.onnx")
         if isinstance(session, str):
             notes.append(session)
@@ -481,11 +495,29 @@ def inference_backends(
     return backends
 
 
+def fast_path_network(network: torch.nn.Module, settings: Any) -> torch.nn.Module:
+    """A copy of the eager network as the fast path runs it (``predict.fast_layout``: channels_last on a CPU),
+    whatever the config's ``fast_inference``: the benchmark compares the fast path with plain fp32 eager."""
+    return predict.fast_layout(copy.deepcopy(network), dataclasses.replace(settings, fast_inference=True))
+
+
+def mask_dice(first: np.ndarray, second: np.ndarray) -> float:
+    """Dice between two 0/1 masks; 1 when both are empty (they agree)."""
+    a, b = first.astype(bool), second.astype(bool)
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
 def eager_network(spec: Spec) -> tuple[torch.nn.Module, Any]:
-    """The eager network (random weights: latency does not depend on them) and the inference settings."""
+    """The eager network and the inference settings. Random weights unless the spec names a checkpoint: latency
+    does not depend on them, but masks do (a random network may call the zero background tumour, which the fast
+    path, like a trained network, calls background), so the fast path's mask Dice means something only with
+    trained weights."""
     parser = infer_parser(spec)
-    network = parser.get_parsed_content("network_def").to(parser.get_parsed_content("device")).eval()
-    return network, parser.get_parsed_content("settings")
+    network = parser.get_parsed_content("network_def")
+    if spec.checkpoint:
+        load_network_weights(network, torch.load(spec.checkpoint, map_location="cpu", weights_only=True), ())
+    return network.to(parser.get_parsed_content("device")).eval(), parser.get_parsed_content("settings")
 
 
 def first_volume(spec: Spec, settings: Any) -> Any:
@@ -524,7 +556,9 @@ def agreement(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
 
 def measure_inference(spec: Spec) -> dict[str, Any]:
     """Latency per slice (batch of one) and per volume (read, slice batches through the network, mask back on the
-    volume's grid), for every back-end, with their outputs compared against the eager network's."""
+    volume's grid), for every back-end, with their outputs compared against the eager network's; and the fast path
+    (``predict.run_network`` with ``crop_to_brain``, the network in ``predict.fast_layout``) per volume against
+    plain fp32 eager over whole slices, with the Dice between their masks."""
     network, settings = eager_network(spec)
     device = next(network.parameters()).device
     item = first_volume(spec, settings)
@@ -533,9 +567,10 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
     one_slice = stack[len(stack) // 2 : len(stack) // 2 + 1].to(device)
     notes: list[str] = []
     backends = inference_backends(network, stack[: settings.slice_batch_size].to(device), spec, notes)
+    fast = fast_path_network(network, settings)
 
-    def run(backend: Callable) -> dict[str, torch.Tensor]:
-        return predict.run_network(backend, prepared.image, settings.slice_batch_size)
+    def run(backend: Callable, crop_to_brain: bool = False) -> dict[str, torch.Tensor]:
+        return predict.run_network(backend, prepared.image, settings.slice_batch_size, 0, crop_to_brain)
 
     # Every batch shape a volume gives (full batches, the last one's remainder, one slice) is run twice before the
     # clock starts: the first calls of a shape allocate, and TorchScript profiles and then specialises its graph.
@@ -547,22 +582,27 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
         for backend in backends.values():
             for batch in shapes + shapes:
                 backend(batch)
+        run(fast, crop_to_brain=True)  # the fast path's shapes depend on the volume's brain box: a whole volume
         slice_rounds = interleaved(
             {name: (lambda b=backend: slice_latency(b, one_slice, device)) for name, backend in backends.items()},
             spec.slice_rounds,
         )
         outputs: dict[str, dict[str, torch.Tensor]] = {}
 
-        def timed_volume(name: str, backend: Callable) -> float:
-            seconds, outputs[name] = timed(lambda: run(backend))  # the outputs are compared below
+        def timed_volume(name: str, call: Callable[[], dict[str, torch.Tensor]]) -> float:
+            seconds, outputs[name] = timed(call, device)  # the outputs are compared below
             return seconds
 
+        contenders = {name: (lambda b=backend: run(b)) for name, backend in backends.items()}
+        contenders["fast"] = lambda: run(fast, crop_to_brain=True)
         network_rounds = interleaved(
-            {name: (lambda n=name, b=backend: timed_volume(n, b)) for name, backend in backends.items()},
+            {name: (lambda n=name, c=call: timed_volume(n, c)) for name, call in contenders.items()},
             spec.volume_rounds,
         )
     finish_s, _ = timed(lambda: predict.finish(prepared, outputs["eager"], settings))
+    fast_outputs = outputs.pop("fast")
     masks = {name: predict.finish(prepared, out, settings).mask for name, out in outputs.items()}
+    fast_mask = predict.finish(prepared, fast_outputs, settings).mask
     return {
         "volume_shape": [int(s) for s in prepared.loaded.original_shape],
         "slices_analysed": len(stack),
@@ -580,13 +620,31 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
             for name, out in outputs.items()
             if name != "eager"
         },
+        "weights": spec.checkpoint or "random",
+        "fast_brain_box": box_shape(stack, network),
+        "fast_vs_eager_fp32_mask_dice": mask_dice(fast_mask, masks["eager"]),
+        "fast_vs_eager_fp32_max_tumour_probability_diff": float(
+            (tumour_probability(fast_outputs) - tumour_probability(outputs["eager"])).abs().max()
+        ),
     }
 
 
+def box_shape(stack: torch.Tensor, network: torch.nn.Module) -> list[int] | None:
+    """Height and width of the brain box the fast path decodes (None: whole slices)."""
+    box = predict.brain_box(stack, predict.size_divisor(network))
+    return None if box is None else [span.stop - span.start for span in box]
+
+
+def tumour_probability(outputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-slice tumour probabilities (softmax of the classification logits)."""
+    return torch.softmax(outputs["cls"].float(), dim=1)[:, 1]
+
+
 def measure_inference_memory(spec: Spec) -> dict[str, Any]:
-    """Peak RSS of predicting one volume with the eager network, as ``inference.yaml`` runs a ``model.pt``."""
+    """Peak RSS of predicting one volume with the eager network, as ``inference.yaml`` runs a ``model.pt`` (the
+    fast path when the config's ``fast_inference`` is on, its default)."""
     network, settings = eager_network(spec)
-    predict.predict(network, first_volume(spec, settings), settings)
+    predict.predict(predict.fast_layout(network, settings), first_volume(spec, settings), settings)
     return {"peak_rss_mib": peak_rss_mib()}
 
 

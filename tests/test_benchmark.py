@@ -5,7 +5,9 @@ No timing thresholds: the figures depend on the machine and its load; only their
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import os
 import sys
@@ -13,9 +15,14 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 from conftest import REPO_ROOT, TINY_SIZE, run_cli
 
+from scripts.networks import create_multi_task_model
+
 BACKENDS = ("eager", "eager_channels_last", "torchscript", "torchscript_frozen")
+TINY = ["--set", "base_filters=8", "--set", "depth=3", "--set", f"image_size={TINY_SIZE}", "--slice-rounds", "2",
+        "--volume-rounds", "1"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +31,28 @@ def figures(prepared_small: Path, synthetic_small: Path, tmp_path_factory: pytes
     out = work / "figures.json"
     result = run_cli(
         [sys.executable, "scripts/benchmark.py", "--preset", "demo", "--dataset-dir", str(prepared_small),
-         "--volume", str(synthetic_small / "brats"), "--work-dir", str(work / "work"), "--out", str(out),
-         "--set", "base_filters=8", "--set", "depth=3", "--set", f"image_size={TINY_SIZE}", "--batch-size", "4",
-         "--steps", "2", "--warmup", "1", "--rounds", "1", "--slice-rounds", "2", "--volume-rounds", "1",
-         "--no-thread-study"]
+         "--volume", str(synthetic_small / "brats"), "--work-dir", str(work / "work"), "--out", str(out), *TINY,
+         "--batch-size", "4", "--steps", "2", "--warmup", "1", "--rounds", "1", "--no-thread-study"]
     )  # fmt: skip
     assert "multi-task / seg-only step time" in result.stdout, "the table is printed"
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def full_inference(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``--preset full --only inference``, the network made tiny and its weights from a checkpoint; eager alone beside
+    the fast path. Called in this process (its phase still runs in a child of its own): the parent's start-up would
+    only add seconds."""
+    work = tmp_path_factory.mktemp("benchmark_full")
+    out, checkpoint = work / "figures.json", work / "model.pt"
+    torch.save(create_multi_task_model(base_filters=8, depth=3, num_domains=2).state_dict(), checkpoint)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        _benchmark_module().main(
+            ["--preset", "full", "--only", "inference", "--backends", "eager", "--checkpoint", str(checkpoint),
+             "--volume", str(synthetic_small / "brats"), "--work-dir", str(work / "work"), "--out", str(out), *TINY]
+        )  # fmt: skip
+    assert "fast / eager fp32 volume time" in printed.getvalue() and "training:" not in printed.getvalue()
     return json.loads(out.read_text())
 
 
@@ -72,8 +95,38 @@ def test_inference_backends_agree_and_ratios_are_their_quotients(figures: dict) 
             assert inference["agreement"][name]["agree"] is True
             assert inference["agreement"][name]["mask_equal_fraction"] > 0.99
     assert figures["targets"]["outputs_agree"] is True
+    assert_fast_path_figures(inference)
+    # Random weights: their masks say nothing about the fast path, so its masks' target is not judged.
+    assert inference["weights"] == "random" and "fast_volume_at_most_0.35_of_eager_fp32" in figures["targets"]
+    assert "fast_masks_dice_at_least_0.99_with_eager_fp32" not in figures["targets"]
     # ONNX Runtime is optional: measured when installed, else a note says why the column is missing.
     assert "onnxruntime" in inference["backends"] or any("onnx" in note.lower() for note in inference["notes"])
+
+
+def assert_fast_path_figures(inference: dict) -> None:
+    """The fast volume path's keys (issue 15): positive seconds, the ratio their quotient, a Dice in [0, 1]."""
+    assert inference["fast_volume_s"] > 0 and inference["eager_fp32_volume_s"] > 0
+    assert inference["eager_fp32_volume_s"] == inference["eager_volume_s"]  # the same measurement, named for the ratio
+    assert inference["fast_volume_s_over_eager_fp32_volume_s"] == pytest.approx(
+        inference["fast_volume_s"] / inference["eager_fp32_volume_s"]
+    )
+    assert 0.0 <= inference["fast_vs_eager_fp32_mask_dice"] <= 1.0
+    assert 0.0 <= inference["fast_vs_eager_fp32_max_tumour_probability_diff"] <= 1.0
+
+
+def test_the_full_preset_measures_inference_alone(full_inference: dict) -> None:
+    assert full_inference["preset"] == "full" and full_inference["sections"] == ["inference"]
+    assert not {"training", "data", "memory", "threads"} & set(full_inference)
+    inference = full_inference["inference"]
+    assert inference["backends"] == ["eager"] and inference["slice_batch_size"] == 16  # configs/full.yaml's
+    assert_fast_path_figures(inference)
+    assert full_inference["settings"]["dataset_dir"] == ""  # nothing prepared for inference alone
+    assert inference["weights"] == full_inference["settings"]["checkpoint"] != ""
+    # With weights from a checkpoint the masks' target is judged; no scripted back-end was measured.
+    assert {"fast_volume_at_most_0.35_of_eager_fp32", "fast_masks_dice_at_least_0.99_with_eager_fp32"} <= set(
+        full_inference["targets"]
+    )
+    assert "scripted_or_onnx_not_slower_than_eager" not in full_inference["targets"]
 
 
 def test_memory_machine_and_targets(figures: dict) -> None:

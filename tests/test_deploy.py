@@ -16,10 +16,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
-from test_export import INFERENCE, TinyModel, run_tool, tiny_model
+import torch
+from conftest import REPO_ROOT, TINY_SIZE
+from test_export import INFERENCE, TINY_NETWORK, TinyModel, run_tool, tiny_model
+from test_fast_inference import padded_volume
 
 from scripts.inference.compare import compare_outputs
+from scripts.inference.inputs import find_inputs
+from scripts.inference.predict import brain_box, prepare
+from scripts.inference.settings import make_settings
 
 DEPLOY_PYTHON = REPO_ROOT / ".venv-deploy" / "bin" / "python"
 # What pip says when it cannot reach or find a package: the only failures of the set-up that skip these tests.
@@ -77,7 +82,8 @@ def _check(result: subprocess.CompletedProcess) -> None:
 
 @pytest.fixture(scope="module")
 def volumes(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A BraTS case folder and a plain NIfTI volume stored upside down along the axial axis (another affine)."""
+    """A BraTS case folder, a plain NIfTI volume stored upside down along the axial axis (another affine), and one
+    with a wider field of view, whose brain box is smaller than the slice: the fast path crops it."""
     folder = tmp_path_factory.mktemp("deploy_inputs")
     shutil.copytree(synthetic_small / "brats" / CASE, folder / CASE)
     flair = nib.load(synthetic_small / "brats" / "BraTS2021_00004" / "BraTS2021_00004_flair.nii.gz")
@@ -85,6 +91,11 @@ def volumes(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     flip[2, 3] = flair.shape[2] - 1
     flipped = nib.Nifti1Image(np.asanyarray(flair.dataobj)[:, :, ::-1].copy(), flair.affine @ flip)
     nib.save(flipped, folder / "flipped.nii.gz")
+    wide = padded_volume(synthetic_small / "brats" / "BraTS2021_00005" / "BraTS2021_00005_flair.nii.gz",
+                         folder / "wide.nii.gz", margin=32)  # fmt: skip
+    settings = make_settings(TINY_SIZE, 1)
+    stack = torch.from_numpy(prepare(find_inputs(wide, settings)[0], settings).image)
+    assert brain_box(stack, 2 ** TINY_NETWORK["depth"]) is not None
     return folder
 
 
@@ -124,11 +135,15 @@ def test_the_app_writes_what_the_bundle_command_writes(
     result = run_app(deploy_python, REPO_ROOT / "deploy" / "app.py", "-i", str(volumes), "-o", str(output), "-m",
                      str(model.torchscript))  # fmt: skip
     _check(result)
-    names = [CASE, "flipped"]
+    names = [CASE, "flipped", "wide"]
     assert sorted(p.name for p in output.iterdir()) == sorted(
         f"{n}{s}" for n in names for s in ("_pred_wt.nii.gz", "_pred.json")
     )
-    inputs = {CASE: volumes / CASE / f"{CASE}_flair.nii.gz", "flipped": volumes / "flipped.nii.gz"}
+    inputs = {
+        CASE: volumes / CASE / f"{CASE}_flair.nii.gz",
+        "flipped": volumes / "flipped.nii.gz",
+        "wide": volumes / "wide.nii.gz",
+    }
     _assert_same_outputs(output, bundle_outputs, names, inputs)
     # Stored upside down: per-slice entries follow the file's slice order, not RAS.
     flipped = json.loads((output / "flipped_pred.json").read_text())
@@ -136,13 +151,13 @@ def test_the_app_writes_what_the_bundle_command_writes(
     assert flipped["axial_axis"] == 2
     assert [s["mask_voxels"] for s in flipped["slices"]] == mask.sum(axis=(0, 1)).tolist()
     # The comparison docs/inference.md gives users says the same, and notices a changed voxel.
-    assert compare_outputs(output, bundle_outputs) == (2, [])
+    assert compare_outputs(output, bundle_outputs) == (3, [])
     changed = tmp_path / "changed"
     shutil.copytree(output, changed)
     mask[0, 0, 0] = 1 - mask[0, 0, 0]
     flipped_mask = "flipped_pred_wt.nii.gz"
     nib.save(nib.Nifti1Image(mask, nib.load(output / flipped_mask).affine), changed / flipped_mask)
-    assert compare_outputs(changed, bundle_outputs) == (2, [f"the masks of {volumes / 'flipped.nii.gz'} differ"])
+    assert compare_outputs(changed, bundle_outputs) == (3, [f"the masks of {volumes / 'flipped.nii.gz'} differ"])
 
 
 def test_the_packaged_layout_runs_from_a_model_folder_and_the_holoscan_variables(

@@ -19,7 +19,8 @@ class MultiTaskInferenceOperator(Operator):
     The SDK's ``MonaiBundleInferenceOperator`` post-processes only the first output of a network (a dict output
     breaks it); this operator runs the slices in batches, thresholds the segmentation logits (sigmoid > 0.5) back
     on the input's grid and turns the classification logits into per-slice and per-volume tumour probabilities,
-    with the same code as the bundle's inference config.
+    with the same code as the bundle's inference config, fast path included (``fast_inference`` of the configs
+    embedded in ``model.ts``; on when they do not set it).
 
     It has the SDK's ``InferenceOperator`` methods (``pre_process``, ``predict``, ``post_process``) but derives from
     ``Operator``: importing ``monai.deploy.operators`` imports every stock operator, and with them pydicom and
@@ -50,25 +51,29 @@ class MultiTaskInferenceOperator(Operator):
         spec.output("prediction")
 
     def start(self) -> None:
-        self.network = load_torchscript(self.model_file, self.device)
+        self.network = load_torchscript(self.model_file, self.device, self.settings)
         metadata = embedded_metadata(self.model_file) or {}
         self.logger.info(
             f"loaded {self.model_file} ({metadata.get('name', 'no metadata')} {metadata.get('version', '')}) on "
-            f"{self.device}; slices of {self.settings.image_size} px, channels {list(self.settings.modalities)}"
+            f"{self.device}; slices of {self.settings.image_size} px, channels {list(self.settings.modalities)}, "
+            f"fast inference {'on' if self.settings.fast_inference else 'off'}"
         )
 
     def compute(self, op_input, op_output, context) -> None:
         prepared = op_input.receive("prepared")
-        outputs = self.predict(self.pre_process(prepared), domain=prepared.domain)
+        outputs = self.predict(self.pre_process(prepared), domain=prepared.domain, crop_to_brain=prepared.crop_to_brain)
         op_output.emit(self.post_process(outputs, prepared), "prediction")
 
     def pre_process(self, data: PreparedVolume | PreparedImage, *args, **kwargs) -> torch.Tensor:
         """The ``(K, C, S, S)`` slice stack of a prepared input."""
         return torch.from_numpy(data.image)
 
-    def predict(self, data: torch.Tensor, *args, domain: int = 0, **kwargs) -> dict[str, torch.Tensor]:
-        """Both outputs of the network, ``slice_batch_size`` slices per call, for the input's image domain."""
-        return run_network(self.network, data, self.settings.slice_batch_size, domain)
+    def predict(
+        self, data: torch.Tensor, *args, domain: int = 0, crop_to_brain: bool = False, **kwargs
+    ) -> dict[str, torch.Tensor]:
+        """Both outputs of the network, ``slice_batch_size`` slices per call, for the input's image domain, the
+        segmentation decoded on the brain box only where the input asks for it (``PreparedVolume.crop_to_brain``)."""
+        return run_network(self.network, data, self.settings.slice_batch_size, domain, crop_to_brain)
 
     def post_process(
         self, data: dict[str, torch.Tensor], prepared: PreparedVolume | PreparedImage, *args, **kwargs

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from .predict import fast_layout
 from .settings import InferenceSettings, settings_from_config
 
 __all__ = [
@@ -122,10 +123,13 @@ def settings_from_model(path: Path | str, slice_batch_size: int | None = None) -
     return settings_from_config(merged, f"model {path}", embedded_metadata(path))
 
 
-def load_torchscript(path: Path | str, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
-    """Load a TorchScript model in eval mode on ``device``."""
-    network = torch.jit.load(str(path), map_location=device)
-    return network.eval()
+def load_torchscript(
+    path: Path | str, device: torch.device | str = "cpu", settings: InferenceSettings | None = None
+) -> torch.jit.ScriptModule:
+    """Load a TorchScript model in eval mode on ``device``, in the fast path's memory layout when ``settings`` ask
+    for it (:func:`scripts.inference.predict.fast_layout`)."""
+    network = torch.jit.load(str(path), map_location=device).eval()
+    return network if settings is None else fast_layout(network, settings)
 
 
 def _check_against_model(path: Path, settings: InferenceSettings) -> None:
@@ -151,7 +155,8 @@ def inference_network(
     network_settings: Mapping[str, Any] | None = None,
     metadata_file: Path | str = "",
 ) -> nn.Module:
-    """The network to run: ``model.ts`` loaded on its own, or ``network_def`` for a ``model.pt`` checkpoint.
+    """The network to run: ``model.ts`` loaded on its own, or ``network_def`` for a ``model.pt`` checkpoint, in the
+    fast path's memory layout when the settings ask for it (:func:`scripts.inference.predict.fast_layout`).
 
     Args:
         model_file: ``.ts`` (TorchScript, needs no training code) or ``.pt`` (state dict, loaded by the config's
@@ -170,10 +175,12 @@ def inference_network(
     if path.suffix == ".ts":
         _check_against_model(path, settings)
         logger.info(f"running TorchScript model {path}")
-        return load_torchscript(path, device)
+        return load_torchscript(path, device, settings)
     if network_def is None:
         raise UsageError(f"model file {path} is a checkpoint; the config's network_def is needed to load it")
     from ..networks.checkpoints import require_fitting_weights  # the network code, needed for a .pt file only
 
     require_fitting_weights(network_def, path, network_settings or {}, metadata_file)
-    return network_def.to(device)
+    # The checkpoint is loaded later (the config's CheckpointLoader), into these parameters: in place, so the
+    # layout chosen here stays.
+    return fast_layout(network_def.to(device), settings)

@@ -6,6 +6,13 @@ in data preparation (RAS, robust z-score on brain voxels, display plane, resize)
 :func:`scripts.data.slices.slices_to_volume` and :func:`scripts.data.volumes.to_original_grid`, so a volume's mask
 has the input file's shape and voxel order, and an image's mask its size.
 
+The fast path (``InferenceSettings.fast_inference``, on by default) decodes a volume's segmentation on its brain's
+bounding box only, taken in the network's input grid after the resize (training's pixel scale), and pastes it back
+into that grid before the usual put-back; the encoder, and with it the classification, still sees whole slices
+(:func:`run_network`). On a CPU the network also runs with channels_last weights (:func:`fast_layout`). Slices
+with too little brain are not analysed in either path (``min_brain_fraction``, as in data preparation). 2D images
+always run whole.
+
 Nothing here imports MONAI: the MONAI Deploy application runs the same functions.
 """
 
@@ -19,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from nibabel import orientations
+from torch import nn
 
 from scripts.data.images import load_grey, preprocess_grey
 from scripts.data.slices import extract_slices, restore_slice, slices_to_volume
@@ -29,18 +37,27 @@ from .names import mask_name
 from .settings import InferenceSettings
 
 __all__ = [
+    "BACKGROUND_LOGIT",
     "THRESHOLD",
     "Prediction",
     "PreparedImage",
     "PreparedVolume",
+    "brain_box",
+    "fast_layout",
     "finish",
+    "network_device",
     "predict",
     "prepare",
     "run_network",
+    "size_divisor",
 ]
 
 THRESHOLD = 0.5
 LABELS = ("no tumour", "tumour")
+# The segmentation logit outside a volume's brain box, where the fast path does not run the network: sigmoid
+# gives about 1e-13, background that stays far below THRESHOLD through the bilinear put-back, and, unlike -inf,
+# it keeps sums and differences of logits finite.
+BACKGROUND_LOGIT = -30.0
 
 
 @dataclass
@@ -54,6 +71,8 @@ class PreparedVolume:
         loaded: The case as read (its voxel array dropped once sliced), for going back to the file's grid.
         ras_shape: Spatial shape of the volume in RAS.
         domain: The network's image domain: slices of a volume, as the BraTS slices it trained on.
+        crop_to_brain: Decode the segmentation on the volume's brain box only (``InferenceSettings.fast_inference``,
+            :func:`run_network`).
     """
 
     domain = 0
@@ -62,6 +81,7 @@ class PreparedVolume:
     z: np.ndarray
     loaded: LoadedCase
     ras_shape: tuple[int, int, int]
+    crop_to_brain: bool = False
 
 
 @dataclass
@@ -73,9 +93,11 @@ class PreparedImage:
         image: ``(1, C, S, S)`` float32.
         shape: ``(H, W)`` of the image file.
         domain: The network's image domain: whole-head 2D images, as the Kaggle images it trained on.
+        crop_to_brain: Never: a whole-head image has no zero background to crop away.
     """
 
     domain = 1
+    crop_to_brain = False
     item: InferenceInput
     image: np.ndarray
     shape: tuple[int, int]
@@ -110,7 +132,8 @@ def _prepare_volume(item: InferenceInput, settings: InferenceSettings) -> Prepar
     image = np.stack([s.image for s in slices])
     # The voxels are not needed any more; the rest of the case is what goes back to the file's grid.
     loaded = dataclasses.replace(loaded, image=np.zeros((loaded.image.shape[0], 0, 0, 0), dtype=np.float32))
-    return PreparedVolume(item, image, np.array([s.z for s in slices], dtype=np.int64), loaded, ras_shape)
+    z = np.array([s.z for s in slices], dtype=np.int64)
+    return PreparedVolume(item, image, z, loaded, ras_shape, crop_to_brain=settings.fast_inference)
 
 
 def _prepare_image(item: InferenceInput, settings: InferenceSettings) -> PreparedImage:
@@ -135,8 +158,111 @@ def prepare(item: InferenceInput, settings: InferenceSettings) -> PreparedVolume
     return _prepare_volume(item, settings) if item.kind == "volume" else _prepare_image(item, settings)
 
 
+def network_device(network: Callable[..., Any]) -> torch.device:
+    """Where a network's weights are: that of its first parameter; the CPU for a callable without parameters."""
+    parameters = network.parameters() if hasattr(network, "parameters") else iter(())
+    first = next(iter(parameters), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def fast_layout(network: nn.Module, settings: InferenceSettings) -> nn.Module:
+    """The network in the fast path's memory layout: channels_last weights on a CPU, in place.
+
+    oneDNN's convolutions run faster in NHWC on a CPU (measured for the full network, docs/performance.md), and with
+    NHWC weights every activation follows; the values stay those of the default layout up to rounding. On a GPU
+    nothing changes: not measured there. Applied once, where the network is loaded (a module's layout is its own
+    state), never per call.
+    """
+    if settings.fast_inference and isinstance(network, nn.Module) and network_device(network).type == "cpu":
+        network.to(memory_format=torch.channels_last)
+    return network
+
+
+def size_divisor(network: Callable[..., Any]) -> int | None:
+    """What the network's input height and width must be a multiple of: its encoder's ``2**depth``.
+
+    Read from the network itself, so that it is right for whatever network runs: the eager one, and every
+    ``model.ts`` (TorchScript keeps the encoder's ``size_divisor``, which its forward checks, in all versions
+    of this bundle). None for a callable that does not say (a frozen module, another runtime).
+    """
+    divisor = getattr(getattr(network, "encoder", None), "size_divisor", None)
+    return int(divisor) if isinstance(divisor, int) and divisor > 0 else None
+
+
+def _has_parts(network: Callable[..., Any]) -> bool:
+    """Whether the network's parts can be called one by one (eager and TorchScript ``MultiTaskModel`` alike:
+    ``features`` is exported, and a scripted module's submodules keep their ``forward``)."""
+    return all(hasattr(network, name) for name in ("features", "decoder", "cls_head"))
+
+
+def _aligned_span(occupied: torch.Tensor, divisor: int) -> slice:
+    """The rows (or columns) flagged in ``occupied``, widened outwards to multiples of ``divisor``.
+
+    Both ends on the divisor's grid, not just the length: the box then falls on whole pixels of every encoder
+    level (each halves the grid, ``depth`` times), so its feature maps are exact sub-windows of the whole slice's.
+    """
+    indices = torch.nonzero(occupied).flatten()
+    first, last = int(indices[0]), int(indices[-1])
+    return slice(first // divisor * divisor, -(-(last + 1) // divisor) * divisor)
+
+
+def brain_box(stack: torch.Tensor, divisor: int | None) -> tuple[slice, slice] | None:
+    """One bounding box of the brain (nonzero pixels in any slice and channel) of a ``(K, C, S, S)`` stack.
+
+    The pixels outside the brain are exactly 0 after z-scoring, as in the training slices. One box for the whole
+    volume keeps every slice the same shape, so the slices still batch. The box is aligned to the divisor's grid
+    (:func:`_aligned_span`), hence inside the slice whenever the slice fits the network (its side a multiple of
+    the divisor). None, for whole slices, when there is no divisor, no brain, the slice does not fit the network
+    (it then fails as it would on whole slices), or the box is the whole slice.
+    """
+    height, width = stack.shape[-2:]
+    if divisor is None or height % divisor or width % divisor:
+        return None
+    occupied = stack.ne(0).flatten(0, 1).any(dim=0)
+    if not occupied.any():
+        return None
+    box = (_aligned_span(occupied.any(dim=1), divisor), _aligned_span(occupied.any(dim=0), divisor))
+    return None if box == (slice(0, height), slice(0, width)) else box
+
+
+def _box_at_level(box: tuple[slice, slice], level: int) -> tuple[slice, slice]:
+    """The box on the grid of encoder level ``level`` (``2**level`` times coarser), whole pixels by alignment."""
+    return tuple(slice(span.start >> level, span.stop >> level) for span in box)
+
+
+def _paste(seg: torch.Tensor, box: tuple[slice, slice], size: tuple[int, int]) -> torch.Tensor:
+    """Segmentation logits of the box back in the whole slice's grid, background (not tumour) around them."""
+    whole = torch.full((*seg.shape[:2], *size), BACKGROUND_LOGIT, dtype=seg.dtype, device=seg.device)
+    whole[..., box[0], box[1]] = seg
+    return whole
+
+
+def _forward_decoding_box(
+    network: Callable[..., Any], batch: torch.Tensor, domain: int, box: tuple[slice, slice]
+) -> dict[str, torch.Tensor]:
+    """Both outputs, with the decoder run on the brain box only.
+
+    The encoder runs on the whole slices: the classification head pools its whole bottleneck (a global average),
+    and the encoder's receptive field spans most of a slice, so an encoder on a crop, however padded, gives other
+    tumour probabilities (docs/inference.md). The decoder is local and is about two thirds of the network's work:
+    it gets each level's features cut to the box (exact sub-windows, by alignment); only its own zero padding at
+    the box's edge, in background, differs from the whole slice.
+    """
+    features = network.features(batch, domain)
+    cropped = []
+    for level, feature in enumerate(features):
+        rows, cols = _box_at_level(box, level)
+        cropped.append(feature[..., rows, cols])
+    seg = network.decoder(cropped)
+    return {"seg": _paste(seg, box, tuple(batch.shape[-2:])), "cls": network.cls_head(features[-1])}
+
+
 def run_network(
-    network: Callable[..., dict[str, torch.Tensor]], image: np.ndarray | torch.Tensor, batch_size: int, domain: int = 0
+    network: Callable[..., dict[str, torch.Tensor]],
+    image: np.ndarray | torch.Tensor,
+    batch_size: int,
+    domain: int = 0,
+    crop_to_brain: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run the multi-task network over a stack of slices, ``batch_size`` at a time.
 
@@ -147,16 +273,25 @@ def run_network(
         batch_size: Slices per call.
         domain: The image domain (``PreparedVolume.domain`` or ``PreparedImage.domain``): it picks the encoder's
             BatchNorm statistics.
+        crop_to_brain: Decode only the stack's brain box (:func:`brain_box`, :func:`_forward_decoding_box`) and
+            paste the segmentation back into the ``S x S`` grid (``PreparedVolume.crop_to_brain``); the network
+            sees the whole slices' pixel scale either way. Whole slices when the network cannot say its divisor
+            or be called part by part.
 
     Returns:
         ``{"seg": (K, 1, S, S) logits, "cls": (K, 2) logits}`` on the CPU.
     """
-    device = next(iter(network.parameters())).device if hasattr(network, "parameters") else torch.device("cpu")
     stack = torch.as_tensor(image, dtype=torch.float32)
+    box = brain_box(stack, size_divisor(network)) if crop_to_brain and _has_parts(network) else None
+    device = network_device(network)
     seg, cls = [], []
     with torch.inference_mode():
         for start in range(0, stack.shape[0], batch_size):
-            outputs = network(stack[start : start + batch_size].to(device), True, True, domain)
+            batch = stack[start : start + batch_size].to(device)
+            if box is None:
+                outputs = network(batch, True, True, domain)
+            else:
+                outputs = _forward_decoding_box(network, batch, domain, box)
             seg.append(outputs["seg"].float().cpu())
             cls.append(outputs["cls"].float().cpu())
     return {"seg": torch.cat(seg), "cls": torch.cat(cls)}
@@ -266,4 +401,5 @@ def predict(
 ) -> Prediction:
     """Prepare, run and finish one input."""
     prepared = prepare(item, settings)
-    return finish(prepared, run_network(network, prepared.image, settings.slice_batch_size, prepared.domain), settings)
+    outputs = run_network(network, prepared.image, settings.slice_batch_size, prepared.domain, prepared.crop_to_brain)
+    return finish(prepared, outputs, settings)

@@ -21,6 +21,7 @@ _CONFIG_KEYS = {
     "modalities": "modalities",
     "min_brain_fraction": "min_brain_fraction",
     "slice_batch_size": "batch_size",
+    "fast_inference": "fast_inference",
 }
 
 
@@ -35,6 +36,12 @@ class InferenceSettings:
         min_brain_fraction: Axial slices with less brain (nonzero voxels) than this fraction are not analysed, as in
             data preparation; their mask is 0 and their probability is reported as null.
         slice_batch_size: Slices per network call.
+        fast_inference: Decode each volume's segmentation on its brain's bounding box only (in the network's input
+            grid, so the network sees the pixel scale it was trained at; the encoder, hence the classification,
+            still sees whole slices) and, on a CPU, run channels_last weights; False runs whole slices in the
+            default layout. On by default: the masks and probabilities agree with whole slices
+            (tests/test_fast_inference.py) for less work. Configs without the key (a model.ts exported before it
+            existed) get the default.
     """
 
     image_size: int
@@ -42,6 +49,7 @@ class InferenceSettings:
     modalities: tuple[str, ...]
     min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION
     slice_batch_size: int = DEFAULT_SLICE_BATCH_SIZE
+    fast_inference: bool = True
 
     def summary(self) -> dict[str, Any]:
         """The settings as recorded in every output JSON."""
@@ -50,6 +58,7 @@ class InferenceSettings:
             "in_channels": self.in_channels,
             "modalities": list(self.modalities),
             "min_brain_fraction": self.min_brain_fraction,
+            "fast_inference": self.fast_inference,
         }
 
 
@@ -59,6 +68,7 @@ def make_settings(
     modalities: Sequence[str] | None = None,
     min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION,
     slice_batch_size: int = DEFAULT_SLICE_BATCH_SIZE,
+    fast_inference: bool = True,
 ) -> InferenceSettings:
     """Check and build the settings.
 
@@ -69,6 +79,7 @@ def make_settings(
             orders ``scripts/prepare_data.py --modalities`` documents.
         min_brain_fraction: See :class:`InferenceSettings`.
         slice_batch_size: See :class:`InferenceSettings`.
+        fast_inference: See :class:`InferenceSettings`.
 
     Raises:
         ValueError: On values that cannot work, naming the setting.
@@ -90,7 +101,19 @@ def make_settings(
             f"invalid settings: image_size {image_size} (at least 8), batch size {slice_batch_size} (at least 1), "
             f"min_brain_fraction {min_brain_fraction} (in [0, 1))"
         )
-    return InferenceSettings(image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size)
+    return InferenceSettings(
+        image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size, _flag(fast_inference)
+    )
+
+
+def _flag(value: bool | str) -> bool:
+    """A true/false setting: a bool from YAML, or the string that `monai.bundle run --fast_inference false` passes
+    (its command line keeps lowercase true/false as text); anything else is refused rather than read as true."""
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError(f"fast_inference must be true or false, got {value!r}")
+    return value
 
 
 def settings_from_config(

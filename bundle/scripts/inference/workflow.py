@@ -31,7 +31,8 @@ def input_datalist(root: str, settings: InferenceSettings, output_dir: str | Non
 
 
 class PrepareInputd(Transform):
-    """Read one input and preprocess it as training did: ``{"image": (K, C, S, S) tensor, "prepared": ...}``.
+    """Read one input and preprocess it as training did: ``{"image": (K, C, S, S) tensor, "prepared": ...}``, plus
+    the input's ``domain`` and ``crop_to_brain``, which the evaluator passes on to :class:`SliceBatchInferer`.
 
     Args:
         settings: The run's settings.
@@ -42,7 +43,12 @@ class PrepareInputd(Transform):
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
         prepared = prepare(data["input"], self.settings)
-        return {"image": torch.from_numpy(prepared.image), "prepared": prepared, "domain": prepared.domain}
+        return {
+            "image": torch.from_numpy(prepared.image),
+            "prepared": prepared,
+            "domain": prepared.domain,
+            "crop_to_brain": prepared.crop_to_brain,
+        }
 
 
 def first_item(items: list[Any]) -> Any:
@@ -64,9 +70,15 @@ class SliceBatchInferer(Inferer):
         self.batch_size = int(batch_size)
 
     def __call__(
-        self, inputs: torch.Tensor, network: Any, *args: Any, domain: int = 0, **kwargs: Any
+        self,
+        inputs: torch.Tensor,
+        network: Any,
+        *args: Any,
+        domain: int = 0,
+        crop_to_brain: bool = False,
+        **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
-        return run_network(network, inputs, self.batch_size, domain)
+        return run_network(network, inputs, self.batch_size, domain, crop_to_brain)
 
 
 def _root_cause(error: BaseException) -> BaseException:
