@@ -24,8 +24,9 @@ rm -rf "$STAGE"
 mkdir -p "$STAGE/bundle/scripts"
 cp deploy/app.py deploy/__main__.py deploy/requirements.txt "$STAGE/"
 cp -r deploy/operators "$STAGE/"
-# The inference subset of the bundle package: the package itself, its user-error reporting, data and inference.
-cp bundle/scripts/__init__.py bundle/scripts/errors.py "$STAGE/bundle/scripts/"
+# The inference subset of the bundle package: the package itself, its user-error reporting and yes/no settings,
+# data and inference.
+cp bundle/scripts/__init__.py bundle/scripts/errors.py bundle/scripts/flags.py "$STAGE/bundle/scripts/"
 cp -r bundle/scripts/data bundle/scripts/inference "$STAGE/bundle/scripts/"
 cp bundle/LICENSE "$STAGE/LICENSE"
 find "$STAGE" -name __pycache__ -prune -exec rm -rf {} +

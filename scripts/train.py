@@ -74,7 +74,7 @@ def main(args: list[str]) -> int:
         )
     sys.path.insert(0, str(bundle_root(args)))
     import scripts  # noqa: F401  (its error hook: a user's mistake is one line, not a traceback)
-    from scripts.stages import as_bool
+    from scripts.flags import as_bool
     from scripts.tracking import PipelineRun, check_tracking
 
     config = stage_parser(args, 1)

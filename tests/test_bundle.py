@@ -352,7 +352,7 @@ def test_two_process_distributed_training_runs_the_same_three_stages(prepared_sm
 @pytest.mark.parametrize(("text", "expected"), [("false", False), ("False", False), ("0", False), ("true", True),
                                                 ("TRUE", True), (True, True), (False, False)])  # fmt: skip
 def test_command_line_booleans_mean_what_they_say(text: object, expected: bool) -> None:
-    from scripts.stages import as_bool
+    from scripts.flags import as_bool
 
     assert as_bool(text) is expected
 

@@ -205,7 +205,7 @@ def test_model_ts_alone_runs_without_the_training_code(model: TinyModel, inputs:
     bundle = tmp_path / "bundle"
     (bundle / "scripts").mkdir(parents=True)
     shutil.copytree(BUNDLE_ROOT / "configs", bundle / "configs", ignore=shutil.ignore_patterns("train.yaml", "eval*"))
-    for module in ("__init__.py", "errors.py"):
+    for module in ("__init__.py", "errors.py", "flags.py"):
         shutil.copy(BUNDLE_ROOT / "scripts" / module, bundle / "scripts")
     for package in ("data", "inference"):
         shutil.copytree(BUNDLE_ROOT / "scripts" / package, bundle / "scripts" / package)

@@ -37,9 +37,9 @@ from monai.handlers import CheckpointLoader
 from .datasets import check_prepared, data_digest
 from .errors import UsageError
 from .files import file_sha256, write_json_atomic
+from .flags import as_bool
 from .handlers import AtomicCheckpointSaver
 from .networks.checkpoints import is_bundle_model
-from .stages import as_bool
 from .tracking import flatten_settings
 
 RECORD = "stage.json"

@@ -13,29 +13,10 @@ from typing import Any
 from torch import nn
 
 from .errors import UsageError
+from .flags import as_bool
 from .networks.normalization import DomainBatchNorm2d
 
 COMPONENTS = ("encoder", "decoder", "cls_head")
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
-
-
-def as_bool(value: Any, name: str = "value") -> bool:
-    """A yes/no setting that may come from the command line as text.
-
-    ``python -m monai.bundle run --restart false`` hands the config the string ``"false"``, which Python would
-    take as true; only ``False`` (capitalised) arrives as a boolean.
-
-    Raises:
-        ValueError: the value is neither a boolean nor one of true/false, yes/no, on/off, 1/0.
-    """
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise UsageError(f"{name} must be true or false, got {value!r}.")
 
 
 def prepare_network(network: nn.Module, stage: Mapping[str, Any], device: Any = None) -> nn.Module:

@@ -40,6 +40,7 @@ from monai.handlers import MLFlowHandler
 
 from .errors import UsageError
 from .files import file_sha256
+from .flags import as_bool
 
 try:
     import fcntl
@@ -202,8 +203,6 @@ def check_tracking(tracking_uri: str, enabled: Any = True, timeout: float = 5.0)
         TrackingUnavailableError: an ``http(s)`` server does not answer its ``/health`` endpoint, or a file-based
             URI that MLflow no longer supports.
     """
-    from .stages import as_bool
-
     if not as_bool(enabled, "mlflow_tracking"):
         return
     if tracking_uri.startswith(("http://", "https://")):
@@ -532,8 +531,6 @@ class StageRun(MLFlowHandler):
         flush_every: int = 20,
         enabled: Any = True,
     ) -> None:
-        from .stages import as_bool
-
         self.enabled = as_bool(enabled, "mlflow_tracking")
         if not self.enabled:
             return

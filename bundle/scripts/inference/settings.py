@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from scripts.data.volumes import MODALITIES
+from scripts.flags import as_bool
 
 __all__ = ["DEFAULT_MIN_BRAIN_FRACTION", "InferenceSettings", "make_settings", "settings_from_config"]
 
@@ -101,19 +102,8 @@ def make_settings(
             f"invalid settings: image_size {image_size} (at least 8), batch size {slice_batch_size} (at least 1), "
             f"min_brain_fraction {min_brain_fraction} (in [0, 1))"
         )
-    return InferenceSettings(
-        image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size, _flag(fast_inference)
-    )
-
-
-def _flag(value: bool | str) -> bool:
-    """A true/false setting: a bool from YAML, or the string that `monai.bundle run --fast_inference false` passes
-    (its command line keeps lowercase true/false as text); anything else is refused rather than read as true."""
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise ValueError(f"fast_inference must be true or false, got {value!r}")
-    return value
+    fast = as_bool(fast_inference, "fast_inference")  # `--fast_inference false` arrives as text
+    return InferenceSettings(image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size, fast)
 
 
 def settings_from_config(
