@@ -1,4 +1,4 @@
-"""The bundle's MONAI transform pipelines: augmentation keeps mask and image aligned; caching modes."""
+"""The bundle's transform pipelines: the training augmentation keeps mask and image aligned; caching modes."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from conftest import BUNDLE_ROOT
 from monai.bundle import ConfigParser
 from monai.data import CacheDataset, Dataset, PersistentDataset
 
+from scripts.augmentation import BatchAugmentation
 from scripts.datasets import cached_dataset
 
 
@@ -33,28 +34,58 @@ def _write_slice(folder: Path, index: int) -> dict:
     return {"image": str(folder / f"z{index:03d}_image.npy"), "label": str(folder / f"z{index:03d}_label.npy")}
 
 
+def _training_batch(parser: ConfigParser, folder: Path, count: int = 12) -> dict:
+    """A BraTS-like training batch read by the training dataset's transforms, collated as the loader does."""
+    transform = parser.get_parsed_content("train#preprocessing")
+    items = [transform(_write_slice(folder, index)) for index in range(count)]
+    return {
+        "image": torch.stack([item["image"] for item in items]),
+        "label": torch.stack([item["label"] for item in items]),
+        "cls": torch.ones(count, dtype=torch.long),
+        "source": ["brats"] * count,
+    }
+
+
 def test_training_augmentation_keeps_mask_and_image_aligned(tmp_path: Path) -> None:
+    """The trainer's prepare_batch augments image and mask with one geometry per image, the mask kept binary."""
     parser = _parser()
     # Every spatial transform always fires; intensity transforms off, so the image stays a scaled copy of the mask.
-    parser["augmentation#transforms#0#prob"] = 1.0
-    parser["augmentation#transforms#2#prob"] = 1.0
-    parser["augmentation#transforms"] = parser["augmentation#transforms"][:3]  # the spatial ones
-    transform = parser.get_parsed_content("train#preprocessing")
-    transform.set_random_state(seed=5)
-    moved = 0
+    parser.update({"augmentation#flip_prob": 1.0, "augmentation#affine_prob": 1.0, "augmentation#scale_prob": 0.0,
+                   "augmentation#shift_prob": 0.0, "augmentation#noise_prob": 0.0})  # fmt: skip
+    batch = _training_batch(parser, tmp_path)
+    prepare = parser.get_parsed_content("train#prepare_batch")
+    torch.manual_seed(5)
+    image, targets, _, _ = prepare(batch, torch.device("cpu"))
+    label = targets["seg"]
+    assert image.dtype == torch.float32 and image.shape == label.shape == (12, 1, 64, 64)
+    assert set(torch.unique(label).tolist()) <= {0.0, 1.0}, "the mask was interpolated, not resampled"
+    image_mask, label_mask = image > 2.0, label > 0.5  # half the image's tumour intensity
     for index in range(12):
-        item = _write_slice(tmp_path, index)
-        original = np.load(item["label"])
-        out = transform(item)
-        image, label = out["image"], out["label"]
-        assert image.dtype == torch.float32 and image.shape == label.shape == (1, 64, 64)
-        assert set(torch.unique(label).tolist()) <= {0.0, 1.0}, "the mask was interpolated, not resampled"
-        image_mask = image > 2.0  # half the image's tumour intensity
-        intersection = (image_mask & (label > 0.5)).sum().item()
-        union = (image_mask | (label > 0.5)).sum().item()
-        assert union > 0 and intersection / union > 0.9
-        moved += not np.array_equal(label.numpy(), original)
-    assert moved >= 10, "the spatial augmentation did not move the slices"
+        intersection = (image_mask[index] & label_mask[index]).sum().item()
+        union = (image_mask[index] | label_mask[index]).sum().item()
+        assert union > 0 and intersection / union > 0.9, f"image {index} and its mask moved apart"
+    # Each image its own geometry: no two masks moved alike, and none stayed where it was.
+    moved = [not torch.equal(label[index], batch["label"][index].float()) for index in range(12)]
+    assert all(moved), "the spatial augmentation left slices in place"
+    areas = label.sum(dim=(1, 2, 3)) / batch["label"].float().sum(dim=(1, 2, 3))
+    assert areas.std() > 0.01, "every image got the same scale"
+
+
+def test_training_augmentation_draws_like_the_monai_transforms_it_replaces() -> None:
+    """Probabilities and ranges of the draws: flips about half the images, intensity scale within +-10%, a shift
+    within +-0.1, noise on about a fifth, of standard deviation at most 0.05."""
+    torch.manual_seed(0)
+    ramp = torch.linspace(1, 2, 64).expand(4000, 1, 64, 64)
+    flipped = BatchAugmentation(affine_prob=0, scale_prob=0, shift_prob=0, noise_prob=0)(ramp)[0]
+    assert 0.45 < (flipped[:, 0, 0, 0] > 1.5).float().mean() < 0.55
+    ones = torch.ones(4000, 1, 8, 8)
+    scaled = BatchAugmentation(flip_prob=0, affine_prob=0, shift_prob=0, noise_prob=0)(ones)[0][:, 0, 0, 0]
+    assert 0.45 < (scaled != 1).float().mean() < 0.55 and scaled.min() >= 0.9 and scaled.max() <= 1.1
+    shifted = BatchAugmentation(flip_prob=0, affine_prob=0, scale_prob=0, noise_prob=0)(ones)[0][:, 0, 0, 0]
+    assert (shifted - 1).abs().max() <= 0.1 and (shifted - 1).abs().max() > 0.09
+    noisy = BatchAugmentation(flip_prob=0, affine_prob=0, scale_prob=0, shift_prob=0)(ones)[0]
+    noise_std = (noisy - 1).flatten(1).std(dim=1)
+    assert 0.15 < (noise_std > 0).float().mean() < 0.25 and noise_std.max() < 0.07
 
 
 def test_kaggle_images_get_the_network_channels(tmp_path: Path) -> None:

@@ -84,10 +84,13 @@ class MultiTaskBatch(PrepareBatch):
 
     Args:
         tasks: the tasks this stage trains ("seg", "cls").
+        augmentation: applied to the batch's images (and masks) on the device, e.g.
+            :class:`scripts.augmentation.BatchAugmentation`; None for none.
     """
 
-    def __init__(self, tasks: Sequence[str] = ("seg", "cls")) -> None:
+    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), augmentation: nn.Module | None = None) -> None:
         self.tasks = tuple(tasks)
+        self.augmentation = augmentation
 
     def __call__(
         self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
@@ -100,7 +103,14 @@ class MultiTaskBatch(PrepareBatch):
                 f"A batch from '{batchdata.get('source')}' has no target for the stage's tasks {self.tasks}."
             )
         options = {"do_seg": "seg" in targets, "do_cls": "cls" in targets, "domain": batch_domain(batchdata)}
-        return plain_tensor(batchdata["image"], device), targets, (), options
+        # The training cache holds float16 slices; cast on the device (half the bytes to copy to a GPU).
+        images = plain_tensor(batchdata["image"], device).float()
+        if self.augmentation is not None:
+            with torch.no_grad():
+                images, mask = self.augmentation(images, targets.get("seg"))
+            if mask is not None:
+                targets["seg"] = mask
+        return images, targets, (), options
 
 
 def _autocast(engine: Any, device: torch.device) -> torch.autocast:
@@ -173,7 +183,7 @@ def estimate_domain_statistics(network: nn.Module, loader: Any, source: str = "k
             for layer in layers:
                 # A running mean over the batches, each weighing the same; the first (weight 1) replaces the old.
                 layer.momentum = 1.0 / (count + 1)
-            network.encoder(plain_tensor(batch["image"], device), domain)
+            network.encoder(plain_tensor(batch["image"], device).float(), domain)
     for layer, mode, momentum in zip(layers, modes, momenta, strict=True):
         layer.train(mode)
         layer.momentum = momentum
