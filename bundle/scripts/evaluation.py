@@ -498,7 +498,7 @@ def score_patients(
     """
     if native_grid and patients is None:
         raise ValueError("the native-grid metrics need patients.json (where each patient's raw case is)")
-    raw_cases: dict[tuple[str, str], dict[str, VolumeCase]] = {}
+    raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] = {}
     by_patient: dict[str, list[SliceMasks]] = defaultdict(list)
     for masks in slices:
         by_patient[masks.patient].append(masks)
@@ -534,10 +534,13 @@ def score_patients(
 
 
 def _missing_case_message(patient: str, case_dir: Any) -> str:
+    where = f"{case_dir} (patient {patient}, as patients.json records it) does not exist"
+    if not case_dir:
+        where = f"patients.json records no raw case folder for patient {patient} (prepared by an older version?)"
     return (
-        f"The native-grid BraTS metrics read each evaluated patient's raw case, but {case_dir} (patient {patient}, "
-        "as patients.json records it) does not exist: put the raw data back where preparation read it, or add "
-        "--native_grid_metrics false to the evaluation command to score on the prepared slices only."
+        f"The native-grid BraTS metrics read each evaluated patient's raw case, but {where}: put the raw data back "
+        "where preparation read it (or prepare again), or add --native_grid_metrics false to the evaluation command "
+        "to score on the prepared slices only."
     )
 
 
@@ -561,7 +564,7 @@ def native_grid_scores(
     patient: str,
     slices: Sequence[SliceMasks],
     record: Mapping[str, Any],
-    raw_cases: dict[tuple[str, str], dict[str, VolumeCase]] | None = None,
+    raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] | None = None,
 ) -> dict[str, float]:
     """The official BraTS whole-tumour metrics of one patient, on the grid of its raw volume.
 
@@ -590,13 +593,13 @@ def native_grid_scores(
         raise UsageError(_missing_case_message(patient, record.get("case_dir")))
     # BraTS: case_dir is the case folder, its parent the data folder; MSD: case_dir is imagesTr/, its parent holds
     # dataset.json. Listing that folder once serves every patient in it.
-    key = (str(case_dir.parent), str(record["layout"]))
+    key = (str(case_dir.parent), record.get("layout"))  # no layout recorded: detected
     if key not in raw_cases:
         raw_cases[key] = {case.case_id: case for case in find_cases(case_dir.parent, key[1])}
     case = raw_cases[key].get(patient)
-    if case is None or case.seg_file is None:
+    if case is None or case.seg_file is None or not case.modality_files:
         raise UsageError(_missing_case_message(patient, f"the segmentation of case {patient} in {case_dir}"))
-    loaded = load_case(case)
+    loaded = load_case(case, modalities=(next(iter(case.modality_files)),))  # one image: the grid, no more
     ras_shape = tuple(int(n) for n in loaded.image.shape[1:])
     probabilities = np.stack([masks.probability()[None] for masks in slices])
     mask_ras = slices_to_volume(probabilities, [masks.z for masks in slices], ras_shape, is_mask=True)
