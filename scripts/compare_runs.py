@@ -4,11 +4,12 @@
                                    [--run-id ID | --run-name NAME ...]
 
 For each variant (multitask, baseline_seg, baseline_cls) it takes the newest finished pipeline run of the
-experiment and reads what training and evaluate.yaml logged into it: per-patient Dice, HD95, AUC, accuracy and F1 of
-the split (``--split``: test, the default, or validation for a study's runs), the parameters the model uses,
-training time and inference latency (where logged). It prints them side by side with the best of each column
-marked, writes comparison.json and comparison.png to DIR, and logs both into the multi-task run under
-``comparison/``. A column a model has no task for shows "-".
+experiment and reads what training and evaluate.yaml logged into it: per-patient Dice, HD95, the official BraTS
+lesion-wise Dice and HD95 on the volume's grid, AUC, accuracy and F1 of the split (``--split``: test, the default,
+or validation for a study's runs), the parameters the model uses, training time and inference latency (where
+logged). It prints them side by side with the best of each column marked, writes comparison.json and
+comparison.png to DIR, and logs both into the multi-task run under ``comparison/``. A column a model has no task
+for shows "-".
 
 ``--run-id ID`` or ``--run-name NAME`` (as the MLflow UI shows them) names a pipeline run
 to show in place of its variant's newest, e.g. an earlier multi-task run beside today's baselines; of several runs
@@ -45,6 +46,8 @@ VARIANTS = ("multitask", "baseline_seg", "baseline_cls")
 COLUMN_SPECS = (
     ("{split}_brats_patient_dice_mean", "patient Dice", True),
     ("{split}_brats_hd95_mean", "HD95 mm", False),
+    ("{split}_brats_patient_lesionwise_dice_mean", "lesion-wise Dice", True),
+    ("{split}_brats_patient_lesionwise_hd95_mean", "lesion-wise HD95", False),
     ("{split}_brats_cls_roc_auc", "BraTS AUC", True),
     ("{split}_kaggle_cls_roc_auc", "Kaggle AUC", True),
     ("{split}_kaggle_cls_accuracy", "Kaggle acc", True),
@@ -181,7 +184,7 @@ def format_table(rows: dict[str, dict], runs: dict[str, list], split: str) -> st
 def plot(rows: dict[str, dict], path: Path, split: str) -> None:
     """Grouped bars of the quality metrics (0-1 scale; HD95 on its own axis would mislead, so it is left out)."""
     cols = columns(split)
-    keys = [key for key, _, _ in cols[:6] if not key.endswith("_hd95_mean")]
+    keys = [key for key, _, _ in cols[:8] if not key.endswith("_hd95_mean")]
     titles = {key: title for key, title, _ in cols}
     fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / max(len(rows), 1)

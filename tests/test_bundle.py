@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -198,6 +200,19 @@ def test_evaluation_writes_flat_metrics_and_report(trained: dict[str, Path]) -> 
         assert key in metrics, key
     assert all(value is None or isinstance(value, (int, float)) for value in metrics.values())
     assert 0.0 <= metrics["brats_patient_dice_mean"] <= 1.0
+    # The official BraTS metrics on each raw volume's grid, computed (counts are numbers, not null) for every patient.
+    counts = [metrics[f"brats_lesions_{kind}"] for kind in ("tp", "fp", "fn")] + [
+        metrics["brats_patients_native_undefined"]
+    ]
+    assert all(isinstance(count, int) and count >= 0 for count in counts), counts
+    for key in ("global_dice", "lesionwise_dice", "matched_lesion_dice", "lesion_f1"):
+        value = metrics[f"brats_patient_{key}_mean"]
+        assert value is None or 0.0 <= value <= 1.0, key
+    assert 0.0 <= metrics["brats_patient_lesionwise_hd95_mean"] <= 373.0
+    with (trained["eval"] / "per_patient.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == metrics["brats_patients"] and all(row["lesions_tp"] != "" for row in rows)
+    assert "Official BraTS metrics on the volume's grid" in (trained["eval"] / "report.md").read_text()
     assert metrics["latency_ms_per_slice"] > 0
     patients = json.loads((trained["data"] / "patients.json").read_text())
     assert metrics["brats_patients"] == sum(1 for p in patients.values() if p["split"] == "test")
@@ -206,6 +221,26 @@ def test_evaluation_writes_flat_metrics_and_report(trained: dict[str, Path]) -> 
     assert metrics["brats_cls_n"] == len(datalist["brats_test"])
     for name in ("report.md", "roc.png", "patient_dice.png"):
         assert (trained["eval"] / name).stat().st_size > 0
+
+
+def test_evaluation_stops_before_scoring_when_the_raw_cases_moved(trained: dict[str, Path], tmp_path: Path) -> None:
+    # A copy of the prepared data whose raw cases are gone: the native-grid metrics cannot be computed.
+    prepared = tmp_path / "prepared"
+    shutil.copytree(trained["data"], prepared)
+    patients = json.loads((prepared / "patients.json").read_text())
+    for record in patients.values():
+        record["case_dir"] = str(tmp_path / "gone" / Path(record["case_dir"]).name)
+    (prepared / "patients.json").write_text(json.dumps(patients))
+    common = ["--dataset_dir", str(prepared), "--ckpt_dir", str(trained["ckpt"]), "--output_dir", str(tmp_path / "e"),
+              "--mlflow_tracking", "false", *TINY_OVERRIDES]  # fmt: skip
+    result = bundle_run([TRAIN, EVALUATE, "configs/demo.yaml"], *common, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-2]
+    assert str(tmp_path / "gone") in message and "--native_grid_metrics false" in message
+    assert not (tmp_path / "e").exists(), "it stopped before evaluating"
+    bundle_run([TRAIN, EVALUATE, "configs/demo.yaml"], *common, "--native_grid_metrics", "false")
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["brats_patient_dice_mean"] is not None and metrics["brats_patient_lesionwise_dice_mean"] is None
 
 
 def test_a_stage_without_its_starting_checkpoint_fails_clearly(prepared_small: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -14,8 +15,12 @@ from ignite.engine import Engine
 from monai.metrics import DiceMetric, compute_dice, compute_hausdorff_distance
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
+from scripts.data.slices import extract_slices, slices_to_volume
+from scripts.data.volumes import find_cases, load_case
+from scripts.errors import UsageError
 from scripts.evaluation import (
     EvaluationRecords,
+    PatientScore,
     PredictionCollector,
     SliceMasks,
     classification_metrics,
@@ -23,6 +28,7 @@ from scripts.evaluation import (
     patient_hd95,
     patient_volumes,
     prepared_spacing,
+    require_raw_cases,
     score_patients,
     write_json_atomic,
     write_results,
@@ -418,3 +424,106 @@ def test_single_task_models_record_only_their_task() -> None:
     records = collector.records
     assert [(s.patient, s.z) for s in records.slices] == [("p", 0)]
     assert [(c.key, c.z, c.target) for c in records.classifications] == [("q", 3, 1)]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Official BraTS metrics on the raw volume's grid
+
+CASE_ID = "BraTS2021_00001"
+# Left-posterior-superior voxels of different sizes: the masks must come back through the RAS flip, and HD95 in mm.
+RAW_AFFINE = np.diag([-0.8, -1.2, 2.5, 1.0])
+RAW_SHAPE = (24, 24, 10)
+
+
+def raw_case(folder: Path) -> tuple[dict[str, dict], list]:
+    """A BraTS 2021 case on disk (no brain in slice 0, so preparation drops it) with an off-centre two-slice tumour
+    (z 4-5), and its slices prepared at the volume's own in-plane size, so that a perfect prediction is exact."""
+    case_dir = folder / CASE_ID
+    case_dir.mkdir(parents=True)
+    flair = np.zeros(RAW_SHAPE, dtype=np.float32)
+    flair[2:22, 2:22, 1:] = np.random.default_rng(0).uniform(1.0, 2.0, (20, 20, 9))
+    seg = np.zeros(RAW_SHAPE, dtype=np.uint8)
+    seg[4:14, 3:11, 4:6] = 2
+    seg[6:9, 5:8, 4] = 4
+    for name, array in (("flair", flair), ("seg", seg)):
+        nib.save(nib.Nifti1Image(array, RAW_AFFINE), case_dir / f"{CASE_ID}_{name}.nii.gz")
+    slices, dropped = extract_slices(load_case(find_cases(folder)[0]), size=RAW_SHAPE[0])
+    record = {"split": "test", "layout": "brats2021", "case_dir": str(case_dir), "original_shape": list(RAW_SHAPE),
+              "slices_kept": [s.z for s in slices], "tumour_pixels_kept": int(sum(s.mask.sum() for s in slices)),
+              "tumour_pixels_dropped": dropped}  # fmt: skip
+    assert 0 not in record["slices_kept"] and dropped == 0
+    return {CASE_ID: record}, slices
+
+
+def native_scores(patients: dict, slices: list, predict) -> tuple[dict[str, float], PatientScore]:
+    """Metrics through the collector (native grid on) of ``predict(slice) -> (1, H, W) probability``."""
+    collector = PredictionCollector(patients=patients, native_grid=True)
+    for item in slices:
+        prob, label = torch.from_numpy(predict(item)), torch.from_numpy(item.mask)
+        sample = {"source": "brats", "patient": CASE_ID, "slice": item.z, "cls_prob": 0.5, "cls": 1}
+        collector.add_sample({**sample, "seg_prob": prob, "label": label})
+    metrics, (score,) = collector.compute()
+    return metrics, score
+
+
+def test_native_grid_scores_a_perfect_prediction_one_and_a_stray_blob_as_a_lesion(tmp_path: Path) -> None:
+    patients, slices = raw_case(tmp_path)
+    metrics, score = native_scores(patients, slices, lambda item: item.mask.astype(np.float32))
+    assert (metrics["brats_patient_global_dice_mean"], metrics["brats_patient_global_hd95_mean"]) == (1.0, 0.0)
+    assert (metrics["brats_patient_lesionwise_dice_mean"], metrics["brats_lesions_fp"]) == (1.0, 0)
+    assert metrics["brats_patients_native_undefined"] == 0
+
+    def stray(item) -> np.ndarray:  # 2 x 2 pixels in one slice, far from the tumour
+        prob = item.mask.astype(np.float32)
+        prob[0, 18:20, 18:20] = 1.0 if item.z == 8 else 0.0
+        return prob
+
+    metrics, score = native_scores(patients, slices, stray)
+    tumour = int(np.count_nonzero(np.concatenate([s.mask for s in slices])))
+    assert score.global_dice == pytest.approx(2 * tumour / (2 * tumour + 4))  # > 0.98
+    assert (score.lesionwise_dice, score.matched_lesion_dice) == (0.5, 1.0)  # one found, one false positive
+    assert (score.lesions_tp, score.lesions_fp, score.lesions_fn) == (1, 1, 0)
+    assert metrics["brats_patient_lesionwise_hd95_mean"] == pytest.approx(373.0 / 2)
+
+
+def test_native_grid_masks_come_back_through_the_flip_and_hd95_is_in_mm(tmp_path: Path) -> None:
+    patients, slices = raw_case(tmp_path)
+    by_z = {item.z: item.mask.astype(np.float32) for item in slices}
+    # The two-slice tumour predicted one slice higher (z 5-6): half of it overlaps, every surface distance is 0 or
+    # one slice step, 2.5 mm in this file.
+    _, score = native_scores(patients, slices, lambda item: by_z.get(item.z - 1, np.zeros_like(by_z[item.z])))
+    assert score.global_dice == pytest.approx(0.5) and score.global_hd95 == pytest.approx(2.5)
+    # Mirrored in-plane (what a missed RAS flip would do), the off-centre tumour no longer overlaps itself fully.
+    _, mirrored = native_scores(patients, slices, lambda item: item.mask[:, ::-1, ::-1].astype(np.float32).copy())
+    assert mirrored.global_dice < 0.9
+
+
+def test_native_grid_keeps_exactly_the_probabilities_that_decide_the_restored_mask() -> None:
+    rng = np.random.default_rng(4)
+    prob = rng.uniform(0.3, 0.49, (1, 32, 32)).astype(np.float16).astype(np.float32)  # below 0.5 everywhere
+    tumour = np.s_[0, 10:22, 11:20]
+    prob[tumour] = rng.uniform(0.5, 1.0, prob[tumour].shape)
+    kept_bytes = []
+    for native in ((40, 56, 1), (20, 24, 1), (9, 12, 1)):  # restoring enlarges, shrinks, shrinks a lot
+        masks = SliceMasks.from_masks("p", 0, prob >= 0.5, prob >= 0.5)
+        masks.keep_probability(torch.from_numpy(prob), (*native[:2], 64))  # the volume has 64 slices
+        kept_bytes.append(masks.prob.nbytes)
+        expected = slices_to_volume(prob[None], [0], native, is_mask=True)
+        kept = slices_to_volume(masks.probability()[None, None], [0], native, is_mask=True)
+        np.testing.assert_array_equal(kept, expected)
+        # The margin matters: the predicted box alone (probabilities 0 around it) restores a smaller mask.
+        box = np.zeros_like(prob)
+        box[tumour] = prob[tumour]
+        assert 0 < slices_to_volume(box[None], [0], native, is_mask=True).sum() < expected.sum()
+    assert kept_bytes[0] < prob.nbytes / 3  # only the neighbourhood of the prediction is kept
+
+
+def test_a_moved_raw_case_stops_the_native_grid_evaluation_with_its_fix(tmp_path: Path) -> None:
+    patients, slices = raw_case(tmp_path)
+    require_raw_cases(patients, "test")  # present: nothing to say
+    moved = {CASE_ID: {**patients[CASE_ID], "case_dir": str(tmp_path / "moved" / CASE_ID)}}
+    require_raw_cases(moved, "validation")  # not a patient of the split evaluated
+    for check in (lambda: require_raw_cases(moved, "test"), lambda: native_scores(moved, slices, lambda s: s.mask)):
+        with pytest.raises(UsageError, match="native_grid_metrics false") as error:
+            check()
+        assert str(tmp_path / "moved" / CASE_ID) in str(error.value)

@@ -179,6 +179,9 @@ def test_compare_runs_prints_marks_plots_and_logs_the_comparison(trained: dict, 
             "test_brats_patient_dice_mean"
         )
         assert table["models"][variant]["training_time_s"] == run.data.metrics["training_time_s"]
+        lesionwise = "test_brats_patient_lesionwise_dice_mean"  # the official BraTS metric, logged from metrics.json
+        assert table["models"][variant][lesionwise] == run.data.metrics.get(lesionwise)
+    assert table["models"]["multitask"][lesionwise] is not None and any("lesion-wise Dice" in line for line in lines)
     # The seg-only baseline has no classifier, the cls-only baseline no decoder: their columns are empty.
     assert table["models"]["baseline_seg"]["test_kaggle_cls_roc_auc"] is None
     assert table["models"]["baseline_cls"]["test_brats_patient_dice_mean"] is None

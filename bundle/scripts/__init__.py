@@ -12,8 +12,9 @@ from types import ModuleType
 
 from .errors import report_user_errors
 
-__all__ = ["data", "datasets", "engines", "errors", "evaluation", "files", "flags", "handlers", "inference", "loaders",
-           "losses", "metrics", "networks", "report", "stage_checkpoints", "stages", "tracking"]  # fmt: skip
+__all__ = ["brats_metrics", "data", "datasets", "engines", "errors", "evaluation", "files", "flags", "handlers",
+           "inference", "loaders", "losses", "metrics", "networks", "report", "stage_checkpoints", "stages",
+           "tracking"]  # fmt: skip
 
 
 def __getattr__(name: str) -> ModuleType:

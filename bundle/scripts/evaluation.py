@@ -7,7 +7,9 @@ Three parts:
   empty prediction costs a few dozen bytes), classification outputs as one small record per slice or image.
 * :func:`compute_metrics`, a pure function of those records: per-patient 3D Dice and HD95, per-slice Dice over
   every slice (tumour-free slices included), slice-level tumour detection, and tumour / no-tumour
-  classification for BraTS slices and Kaggle images separately.
+  classification for BraTS slices and Kaggle images separately; optionally (``native_grid``, on in evaluate.yaml)
+  the official BraTS 2023+ whole-tumour metrics, global and lesion-wise, of each patient's mask put back on its
+  raw volume's grid (:func:`native_grid_scores`).
 * :func:`write_results`, which writes ``metrics.json`` (flat, numbers only), ``per_patient.csv`` and, through
   :mod:`scripts.report`, ``report.md`` with its figures.
 
@@ -20,7 +22,9 @@ Conventions (why they matter):
   in slices that data preparation dropped (``patients.json`` ``tumour_pixels_dropped``) and in kept slices that
   were never evaluated count as false negatives, so leaving slices out can never raise the score.
 * A patient whose prediction and ground truth are both empty has Dice 1; HD95 is undefined (NaN) when either is
-  empty, such patients are left out of the HD95 statistics and counted in ``brats_hd95_undefined``.
+  empty, such patients are left out of the HD95 statistics and counted in ``brats_hd95_undefined``. The official
+  native-grid metrics follow BraTS instead: such a patient is NaN and left out of their means
+  (``brats_patients_native_undefined``), an empty prediction or reference scores Dice 0 and HD95 373 mm.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.metrics import compute_hausdorff_distance
+from nibabel.affines import voxel_sizes
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -50,7 +55,10 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from .brats_metrics import whole_tumour_metrics
 from .data.images import KAGGLE_CLASSES
+from .data.slices import slices_to_volume
+from .data.volumes import VolumeCase, find_cases, load_case, to_original_grid
 from .errors import UsageError
 from .files import write_json_atomic
 from .report import write_report
@@ -66,8 +74,10 @@ __all__ = [
     "classification_metrics",
     "compute_metrics",
     "load_patients",
+    "native_grid_scores",
     "patient_hd95",
     "prepared_spacing",
+    "require_raw_cases",
     "score_patients",
     "write_results",
 ]
@@ -96,6 +106,9 @@ class SliceMasks:
         pred_pixels: Predicted tumour pixels.
         label_pixels: Ground-truth tumour pixels.
         overlap: Pixels that are tumour in both.
+        prob_box: ``(row0, row1, col0, col1)`` of ``prob`` (all 0 when no probability is kept).
+        prob: float16 tumour probabilities inside ``prob_box``, kept only for the native-grid metrics
+            (:meth:`keep_probability`); None otherwise.
     """
 
     patient: str
@@ -107,6 +120,8 @@ class SliceMasks:
     pred_pixels: int
     label_pixels: int
     overlap: int
+    prob_box: tuple[int, int, int, int] = (0, 0, 0, 0)
+    prob: np.ndarray | None = None
 
     @classmethod
     def from_masks(cls, patient: str, z: int, pred: np.ndarray, label: np.ndarray) -> SliceMasks:
@@ -144,6 +159,47 @@ class SliceMasks:
     def pred(self) -> np.ndarray:
         """The full ``(H, W)`` bool predicted mask."""
         return self._unpack(self.pred_bits)
+
+    def keep_probability(self, prob: Any, native_shape: Sequence[int]) -> None:
+        """Keep the probabilities that decide this slice's mask once restored to a volume of ``native_shape``.
+
+        Inference restores probabilities, not masks, to the volume's grid (bilinear, antialiased when shrinking,
+        then >= 0.5); the native-grid metrics score that same mask. A restored pixel interpolates prepared pixels
+        less than ``2 s + 1`` apart (``s``: prepared / native size, at least 1) and reaches 0.5 only when one of them
+        does, i.e. is predicted: the probabilities in the predicted box grown by that margin restore the same mask
+        as the whole slice (outside it, 0), and a slice predicted empty restores empty. They are kept in float16,
+        so a restored pixel within float16 rounding of 0.5 may differ.
+
+        Args:
+            prob: ``(H, W)`` (or with singleton leading axes) tumour probability of this slice.
+            native_shape: Shape of the raw volume (``patients.json`` ``original_shape``); its smallest side bounds
+                the scale, so any axis order will do.
+        """
+        if not self.pred_pixels:
+            return
+        prob = _plane(_to_numpy(prob.float() if isinstance(prob, torch.Tensor) else prob))
+        pred = self.pred()
+        margin = math.ceil(2 * max(1.0, max(self.shape) / min(int(n) for n in native_shape))) + 1
+        rows, cols = np.flatnonzero(pred.any(axis=1)), np.flatnonzero(pred.any(axis=0))
+        height, width = self.shape
+        self.prob_box = (
+            max(int(rows[0]) - margin, 0),
+            min(int(rows[-1]) + 1 + margin, height),
+            max(int(cols[0]) - margin, 0),
+            min(int(cols[-1]) + 1 + margin, width),
+        )
+        row0, row1, col0, col1 = self.prob_box
+        self.prob = prob[row0:row1, col0:col1].astype(np.float16)
+
+    def probability(self) -> np.ndarray:
+        """The full ``(H, W)`` float32 probability kept by :meth:`keep_probability` (0 outside its box)."""
+        full = np.zeros(self.shape, dtype=np.float32)
+        if self.pred_pixels and self.prob is None:
+            raise ValueError(f"{self.patient} z={self.z}: recorded without probabilities (native_grid off)")
+        if self.prob is not None:
+            row0, row1, col0, col1 = self.prob_box
+            full[row0:row1, col0:col1] = self.prob
+        return full
 
     def label(self) -> np.ndarray:
         """The full ``(H, W)`` bool ground-truth mask."""
@@ -217,6 +273,7 @@ class EvaluationRecords:
         cls_prob: float | None = None,
         cls: int | None = None,
         image: Any | None = None,
+        native_shape: Sequence[int] | None = None,
     ) -> SliceMasks:
         """Record one BraTS slice.
 
@@ -228,12 +285,16 @@ class EvaluationRecords:
             cls_prob: Probability of tumour from the classification head (None for a segmentation-only model).
             cls: Classification target, 0/1 (None with ``cls_prob``).
             image: Optional ``(C, H, W)`` input; used only if the slice becomes an overlay example.
+            native_shape: The raw volume's shape, to keep the probabilities the native-grid metrics restore
+                (:meth:`SliceMasks.keep_probability`); None: masks only.
 
         Returns:
             The stored slice record.
         """
         pred = _to_numpy(_binarise(seg_prob, self.threshold))
         masks = SliceMasks.from_masks(patient, z, pred, _to_numpy(label) > 0.5)
+        if native_shape is not None:
+            masks.keep_probability(seg_prob, native_shape)
         self.slices.append(masks)
         if cls_prob is not None and cls is not None:
             self.add_brats_classification(masks.patient, masks.z, cls_prob, cls)
@@ -298,6 +359,10 @@ class PatientScore:
         tumour_pixels_dropped: Tumour pixels in slices removed by data preparation.
         tumour_pixels_unseen: Tumour pixels of kept slices that were not evaluated.
         complete: Whether every kept slice was evaluated (always True without ``patients``).
+        global_dice, global_hd95, lesionwise_dice, lesionwise_hd95, matched_lesion_dice, matched_lesion_hd95,
+        lesion_f1, lesions_tp, lesions_fp, lesions_fn: The official BraTS whole-tumour metrics on the raw volume's
+            grid (:func:`native_grid_scores`, :func:`scripts.brats_metrics.whole_tumour_metrics`; HD95 in mm); NaN
+            / None when not computed, NaN when prediction and reference are both empty.
     """
 
     patient: str
@@ -311,6 +376,16 @@ class PatientScore:
     tumour_pixels_dropped: int = 0
     tumour_pixels_unseen: int = 0
     complete: bool = True
+    global_dice: float = math.nan
+    global_hd95: float = math.nan
+    lesionwise_dice: float = math.nan
+    lesionwise_hd95: float = math.nan
+    matched_lesion_dice: float = math.nan
+    matched_lesion_hd95: float = math.nan
+    lesion_f1: float = math.nan
+    lesions_tp: int | None = None
+    lesions_fp: int | None = None
+    lesions_fn: int | None = None
 
 
 def _dice(overlap: int, pred_pixels: int, label_pixels: int) -> float:
@@ -401,8 +476,9 @@ def score_patients(
     slices: Iterable[SliceMasks],
     patients: Mapping[str, Mapping[str, Any]] | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    native_grid: bool = False,
 ) -> list[PatientScore]:
-    """Per-patient 3D Dice and HD95.
+    """Per-patient 3D Dice and HD95, and with ``native_grid`` the official BraTS metrics on the raw volume's grid.
 
     Args:
         slices: Slice records of any number of patients, in any order.
@@ -410,13 +486,19 @@ def score_patients(
             ``slices_kept`` / ``tumour_pixels_kept`` (kept tumour never evaluated is counted as missed too).
             Without it, only the evaluated slices count.
         spacing: ``(row, column, slice)`` spacing of the stacked volumes (see :func:`prepared_spacing`).
+        native_grid: Also score each patient with :func:`native_grid_scores` (needs ``patients`` and the raw
+            cases it names, and slices recorded with their probabilities).
 
     Returns:
         One score per patient, sorted by patient id.
 
     Raises:
         ValueError: A slice recorded twice, or a patient missing from ``patients``.
+        UsageError: With ``native_grid``, a patient's raw case folder is missing.
     """
+    if native_grid and patients is None:
+        raise ValueError("the native-grid metrics need patients.json (where each patient's raw case is)")
+    raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] = {}
     by_patient: dict[str, list[SliceMasks]] = defaultdict(list)
     for masks in slices:
         by_patient[masks.patient].append(masks)
@@ -431,6 +513,7 @@ def score_patients(
         overlap = sum(masks.overlap for masks in own)
         dropped, unseen, complete = _missing_tumour(patient, set(zs), label_pixels, patients)
         pred, label = patient_volumes(own)
+        native = native_grid_scores(patient, own, patients[patient], raw_cases) if native_grid else {}
         scores.append(
             PatientScore(
                 patient=patient,
@@ -444,9 +527,87 @@ def score_patients(
                 tumour_pixels_dropped=dropped,
                 tumour_pixels_unseen=unseen,
                 complete=complete,
+                **native,
             )
         )
     return scores
+
+
+def _missing_case_message(patient: str, case_dir: Any) -> str:
+    where = f"{case_dir} (patient {patient}, as patients.json records it) does not exist"
+    if not case_dir:
+        where = f"patients.json records no raw case folder for patient {patient} (prepared by an older version?)"
+    return (
+        f"The native-grid BraTS metrics read each evaluated patient's raw case, but {where}: put the raw data back "
+        "where preparation read it (or prepare again), or add --native_grid_metrics false to the evaluation command "
+        "to score on the prepared slices only."
+    )
+
+
+def require_raw_cases(patients: Mapping[str, Mapping[str, Any]], split: str) -> None:
+    """Fail before evaluating, with the fix, when a raw case folder of the split's patients has moved.
+
+    Raises:
+        UsageError: Naming the first missing folder (and how many more are missing).
+    """
+    missing = [
+        (patient, record.get("case_dir"))
+        for patient, record in sorted(patients.items())
+        if record.get("split") == split and not (record.get("case_dir") and Path(record["case_dir"]).is_dir())
+    ]
+    if missing:
+        more = f" ({len(missing) - 1} more patients' folders are missing too)" if len(missing) > 1 else ""
+        raise UsageError(_missing_case_message(*missing[0]) + more)
+
+
+def native_grid_scores(
+    patient: str,
+    slices: Sequence[SliceMasks],
+    record: Mapping[str, Any],
+    raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] | None = None,
+) -> dict[str, float]:
+    """The official BraTS whole-tumour metrics of one patient, on the grid of its raw volume.
+
+    Why: the slice-grid scores above are on prepared (resized) slices; BraTS scores the mask on the volume's own
+    grid, lesion by lesion. The prediction goes back the way inference writes its mask (one path, no second
+    resampling): the evaluated slices' probabilities through :func:`scripts.data.slices.slices_to_volume`
+    (restored size, display plane to RAS; slices dropped at preparation or not evaluated stay background) and
+    :func:`scripts.data.volumes.to_original_grid`. The reference is the raw case's whole-tumour mask as
+    :func:`scripts.data.volumes.load_case` reads it, the spacing the file's voxel sizes (mm).
+
+    Args:
+        patient: Patient id (the raw case's id).
+        slices: The patient's slice records, with probabilities (:meth:`SliceMasks.keep_probability`).
+        record: The patient's ``patients.json`` entry (``case_dir``, ``layout``).
+        raw_cases: Cache of listed raw data folders, shared across patients.
+
+    Returns:
+        :func:`scripts.brats_metrics.whole_tumour_metrics` of the patient.
+
+    Raises:
+        UsageError: The raw case (folder or segmentation) is missing.
+    """
+    raw_cases = {} if raw_cases is None else raw_cases
+    case_dir = Path(record.get("case_dir") or "")
+    if not record.get("case_dir") or not case_dir.is_dir():
+        raise UsageError(_missing_case_message(patient, record.get("case_dir")))
+    # BraTS: case_dir is the case folder, its parent the data folder; MSD: case_dir is imagesTr/, its parent holds
+    # dataset.json. Listing that folder once serves every patient in it.
+    key = (str(case_dir.parent), record.get("layout"))  # no layout recorded: detected
+    if key not in raw_cases:
+        raw_cases[key] = {case.case_id: case for case in find_cases(case_dir.parent, key[1])}
+    case = raw_cases[key].get(patient)
+    if case is None or case.seg_file is None or not case.modality_files:
+        raise UsageError(_missing_case_message(patient, f"the segmentation of case {patient} in {case_dir}"))
+    loaded = load_case(case, modalities=(next(iter(case.modality_files)),))  # one image: the grid, no more
+    ras_shape = tuple(int(n) for n in loaded.image.shape[1:])
+    probabilities = np.stack([masks.probability()[None] for masks in slices])
+    mask_ras = slices_to_volume(probabilities, [masks.z for masks in slices], ras_shape, is_mask=True)
+    return whole_tumour_metrics(
+        to_original_grid(mask_ras, loaded),
+        to_original_grid(loaded.mask, loaded),
+        spacing=voxel_sizes(loaded.original_affine),
+    )
 
 
 def _missing_tumour(
@@ -513,7 +674,29 @@ def segmentation_metrics(scores: Sequence[PatientScore], slices: Sequence[SliceM
         "brats_hd95_undefined": sum(not math.isfinite(value) for value in hd95),
         "brats_tumour_pixels_dropped": sum(score.tumour_pixels_dropped for score in scores),
         "brats_slice_dice_mean": _mean([masks.dice for masks in slices]),
+        **native_grid_metrics(scores),
     }
+
+
+def native_grid_metrics(scores: Sequence[PatientScore]) -> dict[str, float]:
+    """Means (and medians) over patients of the official BraTS metrics on the raw volumes' grid.
+
+    NaN-aware as the official evaluation is: a patient whose prediction and reference are both empty scores NaN
+    there and drops out of every mean (counted in ``brats_patients_native_undefined``). Every key is NaN when the
+    native-grid metrics were not computed (``native_grid_metrics: false``), so the key list stays the same.
+    """
+    scored = [score for score in scores if score.lesions_tp is not None]
+    metrics: dict[str, float] = {}
+    for name in ("global_dice", "global_hd95", "lesionwise_dice", "lesionwise_hd95"):
+        mean, median, _, _ = _summary([getattr(score, name) for score in scored])
+        metrics[f"brats_patient_{name}_mean"], metrics[f"brats_patient_{name}_median"] = mean, median
+    for name in ("matched_lesion_dice", "matched_lesion_hd95", "lesion_f1"):
+        metrics[f"brats_patient_{name}_mean"] = _summary([getattr(score, name) for score in scored])[0]
+    for name in ("lesions_tp", "lesions_fp", "lesions_fn"):
+        metrics[f"brats_{name}"] = sum(getattr(score, name) for score in scored) if scored else math.nan
+    undefined = sum(not math.isfinite(score.global_dice) for score in scored)
+    metrics["brats_patients_native_undefined"] = undefined if scored else math.nan
+    return metrics
 
 
 def detection_metrics(slices: Sequence[SliceMasks], min_tumour_pixels: int = 1) -> dict[str, float]:
@@ -613,6 +796,7 @@ def compute_metrics(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     min_tumour_pixels: int = 1,
     threshold: float | None = None,
+    native_grid: bool = False,
 ) -> tuple[dict[str, float], list[PatientScore]]:
     """Score everything the collector recorded.
 
@@ -622,13 +806,14 @@ def compute_metrics(
         spacing: ``(row, column, slice)`` spacing of the stacked patient volumes, for HD95.
         min_tumour_pixels: Smallest mask area that makes a slice tumour-positive for detection.
         threshold: Classification threshold; default: ``records.threshold``.
+        native_grid: Add the official BraTS metrics on the raw volumes' grid (see :func:`score_patients`).
 
     Returns:
         ``(metrics, per_patient)``: a flat dict of numbers (NaN where undefined; the key list is the same for
         every run, so runs compare key by key) and the per-patient scores.
     """
     threshold = records.threshold if threshold is None else threshold
-    scores = score_patients(records.slices, patients, spacing)
+    scores = score_patients(records.slices, patients, spacing, native_grid)
     metrics: dict[str, float] = {}
     metrics.update(segmentation_metrics(scores, records.slices))
     metrics.update(detection_metrics(records.slices, min_tumour_pixels))
@@ -837,6 +1022,8 @@ class PredictionCollector:
         patients: ``patients.json`` content or a path to it / to the dataset folder (dropped-slice accounting).
         spacing: ``(row, column, slice)`` spacing of the stacked volumes, for HD95.
         min_tumour_pixels: Smallest mask area that makes a slice tumour-positive for detection.
+        native_grid: Also compute the official BraTS metrics on each raw volume's grid (:func:`native_grid_scores`):
+            keeps the probabilities near each predicted mask, reads the raw cases ``patients`` names.
     """
 
     def __init__(
@@ -850,6 +1037,7 @@ class PredictionCollector:
         patients: Mapping[str, Mapping[str, Any]] | str | os.PathLike[str] | None = None,
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         min_tumour_pixels: int = 1,
+        native_grid: bool = False,
     ) -> None:
         self.output_transform = output_transform
         self.batch_transform = batch_transform
@@ -860,6 +1048,9 @@ class PredictionCollector:
         self.patients = load_patients(patients) if isinstance(patients, (str, os.PathLike)) else patients
         self.spacing = tuple(float(s) for s in spacing)
         self.min_tumour_pixels = int(min_tumour_pixels)
+        self.native_grid = bool(native_grid)
+        if self.native_grid and self.patients is None:
+            raise ValueError("native_grid needs patients (patients.json names each patient's raw case)")
         self.records = self._new_records()
         self.metrics: dict[str, float] = {}
         self.per_patient: list[PatientScore] = []
@@ -911,8 +1102,13 @@ class PredictionCollector:
             cls_prob = float(_scalar(sample["cls_prob"])) if has_cls else None
             cls = int(_scalar(sample["cls"])) if has_cls else None
             if has_seg:
+                native_shape = None
+                if self.native_grid:
+                    if patient not in self.patients:
+                        raise ValueError(f"patient {patient} is not in patients.json: its raw volume is unknown")
+                    native_shape = self.patients[patient]["original_shape"]
                 self.records.add_brats_slice(
-                    patient, z, sample["seg_prob"], sample["label"], cls_prob, cls, image=sample.get("image")
+                    patient, z, sample["seg_prob"], sample["label"], cls_prob, cls, sample.get("image"), native_shape
                 )
             else:
                 self.records.add_brats_classification(patient, z, cls_prob, cls)
@@ -933,7 +1129,7 @@ class PredictionCollector:
     def compute(self) -> tuple[dict[str, float], list[PatientScore]]:
         """Metrics and per-patient scores of what has been recorded (see :func:`compute_metrics`)."""
         self.metrics, self.per_patient = compute_metrics(
-            self.records, self.patients, self.spacing, self.min_tumour_pixels, self.threshold
+            self.records, self.patients, self.spacing, self.min_tumour_pixels, self.threshold, self.native_grid
         )
         return self.metrics, self.per_patient
 
@@ -966,7 +1162,8 @@ def results_message(collector: PredictionCollector, split: str = "test") -> str:
     """Where the evaluation wrote its results and the headline numbers, printed at the end."""
     metrics = collector.metrics
     lines = [f"Evaluation on the {split} split:"]
-    for key in ("brats_patient_dice_mean", "brats_hd95_mean", "brats_cls_roc_auc", "kaggle_cls_roc_auc"):
+    for key in ("brats_patient_dice_mean", "brats_hd95_mean", "brats_patient_lesionwise_dice_mean",
+                "brats_cls_roc_auc", "kaggle_cls_roc_auc"):  # fmt: skip
         if key in metrics and not math.isnan(metrics[key]):
             lines.append(f"  {key}: {metrics[key]:.4f}")
     lines += [f"  {name}: {path}" for name, path in sorted(collector.paths.items())]

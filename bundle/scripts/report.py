@@ -47,6 +47,20 @@ _SEGMENTATION_ROWS = (
     ("brats_slice_dice_tumour_slices_mean", "Slice Dice, mean over tumour slices"),
     ("brats_slice_dice_tumour_free_slices_mean", "Slice Dice, mean over tumour-free slices"),
 )
+_NATIVE_GRID_ROWS = (
+    ("brats_patient_global_dice_mean", "Global Dice, mean"),
+    ("brats_patient_global_dice_median", "Global Dice, median"),
+    ("brats_patient_global_hd95_mean", "Global HD95 (mm), mean"),
+    ("brats_patient_lesionwise_dice_mean", "Lesion-wise Dice, mean (BraTS 2023+ ranking)"),
+    ("brats_patient_lesionwise_dice_median", "Lesion-wise Dice, median"),
+    ("brats_patient_lesionwise_hd95_mean", "Lesion-wise HD95 (mm), mean"),
+    ("brats_patient_matched_lesion_dice_mean", "Dice of matched lesions only, mean"),
+    ("brats_patient_lesion_f1_mean", "Lesion detection F1, mean"),
+    ("brats_lesions_tp", "Lesions found (matched)"),
+    ("brats_lesions_fp", "False-positive lesions"),
+    ("brats_lesions_fn", "Missed lesions"),
+    ("brats_patients_native_undefined", "Patients left out (prediction and reference both empty)"),
+)
 _DETECTION_ROWS = (
     ("brats_slices_tumour", "Tumour slices (ground truth)"),
     ("brats_slice_detection_sensitivity", "Sensitivity"),
@@ -237,6 +251,19 @@ def _markdown(metrics: Mapping[str, Any], per_patient: Sequence[PatientScore], f
             "",
         ]
         lines += _metric_table(metrics, _SEGMENTATION_ROWS)
+        if metrics.get("brats_lesions_tp") is not None and math.isfinite(metrics["brats_lesions_tp"]):
+            lines += ["## Official BraTS metrics on the volume's grid (whole tumour)", ""]
+            lines += [
+                "Each predicted mask is put back on its raw volume's grid as inference writes it and scored against "
+                "the raw segmentation with panoptica, configured as the official BraTS glioma evaluation: every "
+                "connected component (26-connected) is a lesion, predicted and true lesions are paired one to one by "
+                "Dice. Lesion-wise scores average over all lesions, an unpaired one (missed, or a false positive) "
+                "counting Dice 0 and HD95 373 mm, so a few stray voxels cost a whole lesion while barely moving the "
+                "global Dice. A patient with prediction and reference both empty is undefined and left out, as in "
+                "the official evaluation.",
+                "",
+            ]
+            lines += _metric_table(metrics, _NATIVE_GRID_ROWS)
         lines += ["## Slice-level tumour detection (from the segmentation)", ""]
         lines += _metric_table(metrics, _DETECTION_ROWS)
     sources = _sources_present(metrics)
@@ -258,7 +285,8 @@ def _markdown(metrics: Mapping[str, Any], per_patient: Sequence[PatientScore], f
         lines += _table(["Class", "Images", "Share predicted tumour"], class_rows)
     if per_patient:
         lines += ["## Per-patient scores", ""]
-        header = ["Patient", "Slices", "Dice", "Dice (kept slices)", "HD95", "Tumour px", "Dropped px", "Predicted px"]
+        header = ["Patient", "Slices", "Dice", "Dice (kept slices)", "HD95", "Tumour px", "Dropped px", "Predicted px",
+                  "Global Dice (volume grid)", "Lesion-wise Dice", "Lesions TP/FP/FN"]  # fmt: skip
         rows = [
             [
                 score.patient + ("" if score.complete else " (incomplete)"),
@@ -269,6 +297,9 @@ def _markdown(metrics: Mapping[str, Any], per_patient: Sequence[PatientScore], f
                 str(score.label_pixels),
                 str(score.tumour_pixels_dropped),
                 str(score.pred_pixels),
+                format_value(score.global_dice),
+                format_value(score.lesionwise_dice),
+                "n/a" if score.lesions_tp is None else f"{score.lesions_tp}/{score.lesions_fp}/{score.lesions_fn}",
             ]
             for score in per_patient
         ]
