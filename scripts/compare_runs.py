@@ -307,6 +307,9 @@ def paired_differences(client, runs: dict[str, list], split: str) -> list[dict]:
             results.append({"baseline": baseline, "metric": title, "verdict": f"no {name} in the runs"})
             continue
         units = sorted(set(ours) & set(theirs))
+        if not units:
+            results.append({"baseline": baseline, "metric": title, "verdict": "no unit scored by both"})
+            continue
         result = paired_bootstrap(
             [ours[u][0] for u in units], [theirs[u][0] for u in units], statistic, [ours[u][1] for u in units],
             [ours[u][2] for u in units], larger,
