@@ -46,6 +46,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import torch  # noqa: E402
 
+from scripts.datasets import load_datalist  # noqa: E402
+from scripts.errors import UsageError  # noqa: E402
 from scripts.stage_checkpoints import epoch_checkpoints  # noqa: E402
 from scripts.tracking import PARENT_TAG, find_model_run, mlflow_client  # noqa: E402
 
@@ -221,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out = args.out or Path("study/cv" if args.folds else "study/seeds")
     if not (args.dataset_dir / "datalist.json").is_file():
         parser.error(f"{args.dataset_dir} has no datalist.json: prepare the data with scripts/prepare_data.py first.")
+    if args.folds:  # before anything trains: K folds need K subjects and K duplicate groups
+        try:
+            for key in ("brats_validation", "kaggle_validation"):
+                load_datalist(args.dataset_dir / "datalist.json", key, args.dataset_dir, 0, args.folds)
+        except UsageError as error:
+            parser.error(str(error))
     args.dataset_dir, args.out = args.dataset_dir.resolve(), args.out.resolve()
     args.reuse = args.reuse.resolve() if args.reuse else None
     args.out.mkdir(parents=True, exist_ok=True)

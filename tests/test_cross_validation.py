@@ -197,6 +197,15 @@ def test_bad_folds_are_refused_naming_the_setting_and_the_datalist(tmp_path: Pat
         load_datalist(path, "brats_training", folder, fold=0, num_folds=20)
 
 
+def test_the_launcher_refuses_more_folds_than_subjects_before_training(tmp_path: Path) -> None:
+    folder = _write(tmp_path / "prepared", _datalist())
+    result = run_cli([sys.executable, "scripts/seed_study.py", "--dataset_dir", str(folder), "--folds", "20", "--out",
+                      str(tmp_path / "cv")], check=False)  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "holds 19 brats subjects in brats_training + brats_validation, fewer than num_folds (20)" in result.stderr
+    assert not (tmp_path / "cv" / "seed_0").exists()
+
+
 def _parser(config_files: list[str], **overrides) -> ConfigParser:
     parser = ConfigParser()
     parser.read_meta(str(BUNDLE_ROOT / "configs" / "metadata.json"))
