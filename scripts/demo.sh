@@ -2,6 +2,9 @@
 # The main job on generated data, from a fresh clone: set up .venv, generate BraTS- and Kaggle-layout data,
 # prepare it, train the three stages and both single-task baselines, and evaluate all three models on the
 # test split. Rerunning skips what is already done (generation, preparation, finished stages).
+# FOLDS=5 bash scripts/demo.sh cross-validates instead: the three models on each of 5 folds of the training and
+# validation patients (scripts/seed_study.py --folds, into study/cv/), each scored on its fold's validation, then the
+# mean and 95% CI over the folds and the paired multi-task vs baseline differences (scripts/compare_runs.py --folds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,6 +35,18 @@ step "preparing slices in $PREPARED"
 # A quarter of the patients for testing: the per-patient Dice of a handful of test patients is a noisy mean.
 "$PY" scripts/prepare_data.py --brats "$SYNTHETIC/brats" --kaggle "$SYNTHETIC/kaggle" --out "$PREPARED" --size "$SIZE" \
     --split 0.6 0.15 0.25
+
+if [ -n "${FOLDS:-}" ]; then
+    CV_OUT=${CV_OUT:-study/cv}
+    step "cross-validation: $FOLDS folds, the three models each (log per fold under $CV_OUT/seed_0/fold_*/logs/)"
+    "$PY" scripts/seed_study.py --dataset_dir "$PREPARED" --folds "$FOLDS" --preset "$PRESET" --out "$CV_OUT"
+    step "comparison over the folds (from the MLflow runs)"
+    "$PY" scripts/compare_runs.py --tracking-uri "sqlite:///$CV_OUT/mlruns/mlflow.db" --experiment cross_validation \
+        --split validation --folds --out-dir "$CV_OUT"
+    echo
+    echo "Done in $(( $(date +%s) - start )) s. Cross-validation: $CV_OUT/study.json and $CV_OUT/comparison.{json,png}"
+    exit 0
+fi
 
 # The two baselines train beside the multi-task pipeline: at the demo's size two one-thread processes on 2 cores do
 # 1.9x the work of one process with both threads (docs/performance.md). Each process gets half the cores.

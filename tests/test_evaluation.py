@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -394,6 +395,14 @@ def test_write_results_writes_flat_json_report_and_figures(tmp_path: Path) -> No
         assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name}.png)" in report
     assert paths["per_patient"].read_text().count("\n") == 1 + len(per_patient)
+    # Every classification with its exact probability: what a paired bootstrap of two models' AUCs resamples.
+    with paths["per_image"].open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == len(records.classifications)
+    for row, record in zip(rows, records.classifications, strict=True):
+        assert (row["source"], row["key"], int(row["cls"]), float(row["prob"])) == (
+            record.source, record.key, record.target, record.prob)  # fmt: skip
+        assert row["z"] == ("" if record.z is None else str(record.z))
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 

@@ -14,10 +14,12 @@ from monai.data import CacheDataset, Dataset, PersistentDataset, get_track_meta,
 from monai.transforms import Compose
 
 from .data import OPTIONS_FILE, PRESET_SIZES
+from .data.splits import DEFAULT_FOLDS, assign_folds, subject_of
 from .errors import UsageError
 
 CACHE_MODES = ("memory", "disk", "none")
 PATH_KEYS = ("image", "label")
+FOLD_SPLITS = ("_training", "_validation")  # the lists cross-validation pools; test lists are never touched
 
 
 def check_prepared(dataset_dir: str | os.PathLike, image_size: int, in_channels: int) -> None:
@@ -68,15 +70,24 @@ def data_digest(dataset_dir: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def load_datalist(datalist_path: str | os.PathLike, key: str, base_dir: str | os.PathLike) -> list[dict[str, Any]]:
+def load_datalist(
+    datalist_path: str | os.PathLike,
+    key: str,
+    base_dir: str | os.PathLike,
+    fold: int | None = None,
+    num_folds: int = DEFAULT_FOLDS,
+) -> list[dict[str, Any]]:
     """Read one list of a prepared datalist.json, making ``image`` and ``label`` paths absolute.
 
     MONAI's ``load_decathlon_datalist`` is not used because it also joins base_dir to any other string value
     that happens to name an existing path: a ``"source": "brats"`` field becomes ``<dataset_dir>/brats``.
 
+    With ``fold`` set (cross-validation), a ``*_training`` or ``*_validation`` key gives that side of fold
+    ``fold`` of ``num_folds`` (see :func:`fold_entries`); test lists stay as prepared.
+
     Raises:
-        UsageError: the datalist does not exist (with the command that writes it), or it has no list under
-            ``key``.
+        UsageError: the datalist does not exist (with the command that writes it), it has no list under
+            ``key``, or the fold does not fit (see :func:`fold_entries`).
     """
     if not os.path.isfile(datalist_path):
         raise UsageError(
@@ -86,14 +97,67 @@ def load_datalist(datalist_path: str | os.PathLike, key: str, base_dir: str | os
         datalist = json.load(file)
     if key not in datalist:
         raise UsageError(f"{datalist_path} has no '{key}' list (it has {sorted(datalist)}).")
+    entries = datalist[key]
+    if fold is not None and key.endswith(FOLD_SPLITS):
+        entries = fold_entries(datalist, key, fold, num_folds, str(datalist_path))
     items = []
-    for item in datalist[key]:
+    for item in entries:
         item = dict(item)
         for path_key in PATH_KEYS:
             if path_key in item:
                 item[path_key] = os.path.join(base_dir, item[path_key])
         items.append(item)
     return items
+
+
+def _fold_unit(source: str, item: dict[str, Any]) -> str:
+    """What a fold keeps whole: a Kaggle duplicate group or a BraTS subject (read from the case name in datalists
+    written before ``subject`` was recorded)."""
+    return item["group"] if source == "kaggle" else item.get("subject") or subject_of(item["patient"])
+
+
+def fold_entries(
+    datalist: dict[str, list], key: str, fold: int, num_folds: int = DEFAULT_FOLDS, where: str = "datalist.json"
+) -> list[dict[str, Any]]:
+    """One side of a cross-validation fold: ``<source>_training`` or ``<source>_validation`` of fold ``fold``.
+
+    The prepared training and validation lists are pooled and dealt into ``num_folds`` folds at load time
+    (:func:`scripts.data.splits.assign_folds`, seed 0), so that any prepared folder can be cross-validated and the
+    test split is never touched: BraTS by subject (every timepoint of a person on one side), Kaggle by duplicate
+    group, stratified by the group's 4-class label. Fold ``fold`` validates its units and trains on the others. Its
+    Kaggle validation keeps one image per duplicate group (the first by name), as the prepared validation does;
+    its training keeps every copy the datalist holds.
+
+    Raises:
+        UsageError: ``fold`` is not in ``0 .. num_folds - 1``, ``num_folds`` is below 2, or the pooled lists hold
+            fewer subjects (groups) than folds; each naming the setting and the datalist.
+    """
+    source, split = key.rsplit("_", 1)
+    fold, num_folds = int(fold), int(num_folds)
+    if num_folds < 2:
+        raise UsageError(f"num_folds is {num_folds}: cross-validation needs at least 2 folds ({where}).")
+    if not 0 <= fold < num_folds:
+        raise UsageError(f"fold {fold} is not one of the {num_folds} folds (num_folds) of {where}: "
+                         f"choose a fold from 0 to {num_folds - 1}.")  # fmt: skip
+    pooled = datalist.get(f"{source}_training", []) + datalist.get(f"{source}_validation", [])
+    ordered = sorted(pooled, key=lambda item: item.get("original") or item["image"])
+    labels: dict[str, int] = {}
+    for item in ordered:  # a duplicate group is stratified by its first image's label, as in the prepared split
+        labels.setdefault(_fold_unit(source, item), int(item.get("cls4", 0)))
+    if not labels:
+        return []
+    if len(labels) < num_folds:
+        units = "duplicate groups" if source == "kaggle" else "subjects"
+        raise UsageError(f"{where} holds {len(labels)} {source} {units} in {source}_training + {source}_validation, "
+                         f"fewer than num_folds ({num_folds}): choose at most {len(labels)} folds.")  # fmt: skip
+    folds = assign_folds(labels, num_folds)
+    chosen = [item for item in pooled if (folds[_fold_unit(source, item)] == fold) == (split == "validation")]
+    if split == "training" or source != "kaggle":
+        return chosen
+    first: dict[str, int] = {}
+    for item in ordered:
+        first.setdefault(item["group"], id(item))
+    return [item for item in chosen if first[item["group"]] == id(item)]
 
 
 class _MetadataSwitch:
@@ -161,6 +225,8 @@ def slice_dataset(
     cache_rate: float = 1.0,
     cache_dir: str | None = None,
     num_workers: int | None = 0,
+    fold: int | None = None,
+    num_folds: int = DEFAULT_FOLDS,
 ) -> Dataset:
     """A dataset of one list of prepared slices (``datalist.json``), cached as configured.
 
@@ -177,8 +243,12 @@ def slice_dataset(
         cache_rate: fraction of items cached in memory mode.
         cache_dir: cache folder for disk mode.
         num_workers: threads that fill the memory cache.
+        fold: None for the prepared split; a fold index for that cross-validation fold's side of the training and
+            validation lists (see :func:`fold_entries`).
+        num_folds: the number of cross-validation folds.
     """
-    data = load_datalist(os.path.join(dataset_dir, "datalist.json"), key, dataset_dir) if used else []
+    path = os.path.join(dataset_dir, "datalist.json")
+    data = load_datalist(path, key, dataset_dir, fold, num_folds) if used else []
     return cached_dataset(data, transform, cache, cache_rate, os.path.join(cache_dir, key) if cache_dir else None,
                           num_workers)  # fmt: skip
 

@@ -10,7 +10,8 @@ Three parts:
   classification for BraTS slices and Kaggle images separately; optionally (``native_grid``, on in evaluate.yaml)
   the official BraTS 2023+ whole-tumour metrics, global and lesion-wise, of each patient's mask put back on its
   raw volume's grid (:func:`native_grid_scores`).
-* :func:`write_results`, which writes ``metrics.json`` (flat, numbers only), ``per_patient.csv`` and, through
+* :func:`write_results`, which writes ``metrics.json`` (flat, numbers only), ``per_patient.csv``, ``per_image.csv``
+  (each classified slice and image with its probability) and, through
   :mod:`scripts.report`, ``report.md`` with its figures.
 
 Conventions (why they matter):
@@ -79,6 +80,7 @@ __all__ = [
     "prepared_spacing",
     "require_raw_cases",
     "score_patients",
+    "write_per_image_csv",
     "write_results",
 ]
 
@@ -851,13 +853,27 @@ def write_per_patient_csv(path: Path, scores: Sequence[PatientScore]) -> Path:
     return path
 
 
+def write_per_image_csv(path: Path, records: Sequence[ClassificationRecord]) -> Path:
+    """One row per classified BraTS slice and Kaggle image, with its probability of tumour: what a paired bootstrap
+    of two models' AUCs resamples (scripts/compare_runs.py). ``key`` is the BraTS patient or Kaggle duplicate
+    group (one image per group is scored)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "key", "z", "cls", "cls4", "prob"])
+        for record in records:
+            writer.writerow([record.source, record.key, "" if record.z is None else record.z, record.target,
+                             "" if record.cls4 is None else record.cls4, repr(record.prob)])  # fmt: skip
+    return path
+
+
 def write_results(
     metrics: Mapping[str, float],
     per_patient: Sequence[PatientScore],
     records: EvaluationRecords,
     output_dir: str | os.PathLike[str],
 ) -> dict[str, Path]:
-    """Write ``metrics.json``, ``per_patient.csv``, ``report.md`` and the report's PNG figures.
+    """Write ``metrics.json``, ``per_patient.csv``, ``per_image.csv``, ``report.md`` and the report's PNG figures.
 
     ``metrics.json`` is one flat object of numbers, sorted by key, written atomically; NaN (undefined, e.g. AUC
     with a single class) and infinities are written as ``null`` because JSON has no NaN.
@@ -869,7 +885,8 @@ def write_results(
         output_dir: Folder to write into (created if needed).
 
     Returns:
-        Name -> path of every file written (``metrics``, ``per_patient``, ``report`` and one per figure).
+        Name -> path of every file written (``metrics``, ``per_patient``, ``per_image``, ``report`` and one per
+        figure).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -877,6 +894,7 @@ def write_results(
     paths = {
         "metrics": write_json_atomic(output_dir / "metrics.json", flat),
         "per_patient": write_per_patient_csv(output_dir / "per_patient.csv", per_patient),
+        "per_image": write_per_image_csv(output_dir / "per_image.csv", records.classifications),
     }
     paths.update(write_report(metrics, per_patient, records, output_dir))
     return paths

@@ -705,6 +705,8 @@ class PipelineRun:
         """Open the parent run; returns its id ('' when the store failed), which each stage gets as parent_run_id."""
         run_name = f"{self.variant} {time.strftime('%Y-%m-%d %H:%M:%S')}"
         tags = {"variant": self.variant, "baseline": str(self.variant != "multitask").lower(), "kind": "pipeline"}
+        if self.params.get("fold") is not None:  # a cross-validation fold (train.yaml's fold)
+            tags["fold"] = str(self.params["fold"])
         self.run_id = self.client.start_run(run_name, tags)
         if self.run_id is None:
             return ""
@@ -760,8 +762,9 @@ def log_evaluation(
     prefix: str = "test_",
 ) -> str:  # fmt: skip
     """Log an evaluation into the run that trained the model (found from the model file itself): its numeric
-    metrics (``<split>_*``), report, plots and per-patient table, and the model files that exist (checkpoint, and
-    the TorchScript export).
+    metrics (``<split>_*``), report, plots, per-patient and per-image tables (under ``evaluation/`` for the test
+    split, ``evaluation_<split>/`` for another), and the model files that exist (checkpoint, and the TorchScript
+    export).
 
     Returns:
         A line for the log: where the evaluation went, or why it was not tracked.
@@ -777,9 +780,12 @@ def log_evaluation(
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         client.log_metrics(run_id, {prefix + key: value for key, value in metrics.items()})
+    # Each split's files in their own folder: a test evaluation must not replace a fold's validation per_patient.csv,
+    # which scripts/compare_runs.py pools across folds.
+    folder = "evaluation" if prefix == "test_" else "evaluation_" + prefix.rstrip("_")
     for path in sorted(Path(eval_dir).iterdir()) if Path(eval_dir).is_dir() else []:
         if path.is_file():
-            client.log_artifact(run_id, path, "evaluation")
+            client.log_artifact(run_id, path, folder)
     for path in model_files:
         client.log_artifact(run_id, path, "model")
     return client.report(f"Evaluation of run {run_id}")

@@ -6,6 +6,8 @@ of one subject. BraTS 2023 and later name a case ``BraTS-GLI-00000-001``: subjec
 case per subject. The Kaggle set is split by duplicate group: its official Testing folder is the test split, and any
 group with a copy in Testing goes wholly to test, because the published folders share duplicates and a model would
 otherwise be tested on images it trained on.
+
+Cross-validation folds (:func:`assign_folds`) follow the same units: whole subjects, whole duplicate groups.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 SPLITS: tuple[str, ...] = ("training", "validation", "test")
 DEFAULT_FRACTIONS: tuple[float, float, float] = (0.7, 0.15, 0.15)
 DEFAULT_KAGGLE_VAL_FRACTION = 0.15
+DEFAULT_FOLDS = 5
 TESTING_FOLDER = "Testing"
 
 
@@ -236,6 +239,38 @@ def _stratified_validation_groups(group_labels: Mapping[str, int], fraction: flo
             count = min(max(count, 1), len(groups) - 1)
         chosen.update(groups[index] for index in rng.permutation(len(groups))[:count])
     return chosen
+
+
+def assign_folds(labels: Mapping[str, int], num_folds: int = DEFAULT_FOLDS, seed: int = 0) -> dict[str, int]:
+    """Deal units (BraTS subjects, Kaggle duplicate groups) into ``num_folds`` cross-validation folds.
+
+    Within each label the units are shuffled and dealt in turn, each label starting where the previous one stopped,
+    so that every fold gets its share of each class and fold sizes differ by at most one unit. Units are sorted
+    first: the same units and seed always give the same folds, whatever their order.
+
+    Args:
+        labels: unit -> the label to stratify by (e.g. the group's 4-class label; one value for no stratification).
+        num_folds: K, at least 2 and at most the number of units (every fold validates something).
+        seed: seed of the shuffle.
+
+    Returns:
+        Unit -> fold index, 0 to ``num_folds - 1``.
+
+    Raises:
+        ValueError: ``num_folds`` below 2 or above the number of units.
+    """
+    if not 2 <= num_folds <= len(labels):
+        raise ValueError(f"{num_folds} folds of {len(labels)} units: K must be at least 2 and at most the units")
+    by_label: dict[int, list[str]] = defaultdict(list)
+    for unit in sorted(labels):
+        by_label[labels[unit]].append(unit)
+    rng = np.random.default_rng(seed)
+    folds: dict[str, int] = {}
+    for label in sorted(by_label):
+        units = by_label[label]
+        for unit in (units[index] for index in rng.permutation(len(units))):
+            folds[unit] = len(folds) % num_folds
+    return folds
 
 
 def check_disjoint(members_by_split: Mapping[str, Iterable[str]], what: str) -> None:
