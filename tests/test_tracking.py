@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_OVERRIDES, TRAIN, bundle_command, bundle_run, run_cli
@@ -48,10 +49,18 @@ def _children(uri: str, parent) -> dict[int, object]:
 
 
 def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    found = set()
-    for item in client.list_artifacts(run_id, path or None):
-        found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return found
+    """Every artifact file of a run. MLflow 3.17 lists a logged model's folder (``model/``) through the default
+    tracking store, not the client's ("Logged model with ID ... not found" where conftest's store is the default):
+    the client's store is made the default while listing."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        found = set()
+        for item in client.list_artifacts(run_id, path or None):
+            found |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+        return found
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 # ---- the embedded sqlite store, filled by the tiny main job (conftest's `trained`)
