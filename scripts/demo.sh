@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on generated data, from a fresh clone: set up .venv, generate BraTS- and Kaggle-layout data,
-# prepare it, train the three stages and both single-task baselines, and evaluate all three models on the
-# test split. Rerunning skips what is already done (generation, preparation, finished stages).
+# prepare it, train the three stages and both single-task baselines, choose each segmentation model's post-processing
+# on the validation split, and evaluate all three models on the test split. Rerunning skips what is already done (generation, preparation, finished stages).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +20,9 @@ TRAIN=bundle/configs/train.yaml
 EVALUATE=bundle/configs/evaluate.yaml
 
 step() { printf '\n==== %s ====\n' "$*"; }
-bundle() { "$PY" -m monai.bundle run --config_file "$1" --bundle_root bundle --dataset_dir "$PREPARED"; }
+bundle() { "$PY" -m monai.bundle run --config_file "$1" --bundle_root bundle --dataset_dir "$PREPARED" "${@:2}"; }
+# The size below which a model's tumour components are removed, chosen on validation and stored with the model.
+choose_postprocessing() { bundle "$1" --eval_split validation --choose_postprocessing true; }
 train() { "$PY" scripts/train.py --config_file "$1" --bundle_root bundle --dataset_dir "$PREPARED"; }
 
 start=$(date +%s)
@@ -52,6 +54,8 @@ trap 'kill -- -$baselines_pid 2>/dev/null || true' EXIT
 
 step "training the multi-task model: stages 1, 2, 3"
 train "['$TRAIN','$PRESET']"
+step "choosing the multi-task model's post-processing on the validation split"
+choose_postprocessing "['$TRAIN','$EVALUATE','$PRESET']"
 step "exporting the multi-task model to TorchScript (bundle/models/model.ts)"
 # MONAI's exporter does not put the bundle root on sys.path as `run` does. No preset: training wrote the network it
 # published into bundle/configs/metadata.json, which inference.yaml reads.
@@ -69,6 +73,8 @@ if ! wait "$baselines_pid"; then
 fi
 trap - EXIT
 grep -E "^stage [0-9]+: [0-9]+ s" "$LOGS/baselines.log" | sed 's/^/  baseline /' || true
+step "choosing the baseline_seg baseline's post-processing on the validation split"
+choose_postprocessing "['$TRAIN','$EVALUATE','$PRESET','configs/baseline_seg.yaml']"
 for baseline in baseline_seg baseline_cls; do
     step "evaluating the $baseline baseline"
     bundle "['$TRAIN','$EVALUATE','$PRESET','configs/$baseline.yaml']"
