@@ -58,7 +58,7 @@ step "choosing the multi-task model's post-processing on the validation split"
 choose_postprocessing "['$TRAIN','$EVALUATE','$PRESET']"
 step "exporting the multi-task model to TorchScript (bundle/models/model.ts)"
 # MONAI's exporter does not put the bundle root on sys.path as `run` does. No preset: training wrote the network it
-# published into bundle/configs/metadata.json, which inference.yaml reads.
+# published into bundle/configs/metadata.json, and the choice above its post-processing, which inference.yaml reads.
 PYTHONPATH=bundle "$PY" -m monai.bundle ckpt_export network_def --filepath bundle/models/model.ts \
     --ckpt_file bundle/models/model.pt --meta_file bundle/configs/metadata.json \
     --config_file bundle/configs/inference.yaml --bundle_root bundle
