@@ -760,8 +760,9 @@ def log_evaluation(
     prefix: str = "test_",
 ) -> str:  # fmt: skip
     """Log an evaluation into the run that trained the model (found from the model file itself): its numeric
-    metrics (``<split>_*``), report, plots and per-patient table, and the model files that exist (checkpoint, and
-    the TorchScript export).
+    metrics (``<split>_*``), report, plots and per-patient table (under ``evaluation/``, a validation split's under
+    ``evaluation_validation/`` so that the test split's never replace them), and the model files that exist
+    (checkpoint, and the TorchScript export).
 
     Returns:
         A line for the log: where the evaluation went, or why it was not tracked.
@@ -779,7 +780,7 @@ def log_evaluation(
         client.log_metrics(run_id, {prefix + key: value for key, value in metrics.items()})
     for path in sorted(Path(eval_dir).iterdir()) if Path(eval_dir).is_dir() else []:
         if path.is_file():
-            client.log_artifact(run_id, path, "evaluation")
+            client.log_artifact(run_id, path, "evaluation" if prefix == "test_" else "evaluation_" + prefix.strip("_"))
     for path in model_files:
         client.log_artifact(run_id, path, "model")
     return client.report(f"Evaluation of run {run_id}")
