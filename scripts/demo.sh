@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on generated data, from a fresh clone: set up .venv, generate BraTS- and Kaggle-layout data,
-# prepare it, train the three stages and both single-task baselines, and evaluate all three models on the
-# test split. Rerunning skips what is already done (generation, preparation, finished stages).
+# prepare it, train the three stages and both single-task baselines, choose each segmentation model's post-processing
+# on the validation split, and evaluate all three models on the test split. Rerunning skips what is already done
+# (generation, preparation, finished stages).
 # FOLDS=5 bash scripts/demo.sh cross-validates instead: the three models on each of 5 folds of the training and
 # validation patients (scripts/seed_study.py --folds, into study/cv/), each scored on its fold's validation, then the
 # mean and 95% CI over the folds and the paired multi-task vs baseline differences (scripts/compare_runs.py --folds).
@@ -23,7 +24,9 @@ TRAIN=bundle/configs/train.yaml
 EVALUATE=bundle/configs/evaluate.yaml
 
 step() { printf '\n==== %s ====\n' "$*"; }
-bundle() { "$PY" -m monai.bundle run --config_file "$1" --bundle_root bundle --dataset_dir "$PREPARED"; }
+bundle() { "$PY" -m monai.bundle run --config_file "$1" --bundle_root bundle --dataset_dir "$PREPARED" "${@:2}"; }
+# The size below which a model's tumour components are removed, chosen on validation and stored with the model.
+choose_postprocessing() { bundle "$1" --eval_split validation --choose_postprocessing true; }
 train() { "$PY" scripts/train.py --config_file "$1" --bundle_root bundle --dataset_dir "$PREPARED"; }
 
 start=$(date +%s)
@@ -67,9 +70,11 @@ trap 'kill -- -$baselines_pid 2>/dev/null || true' EXIT
 
 step "training the multi-task model: stages 1, 2, 3"
 train "['$TRAIN','$PRESET']"
+step "choosing the multi-task model's post-processing on the validation split"
+choose_postprocessing "['$TRAIN','$EVALUATE','$PRESET']"
 step "exporting the multi-task model to TorchScript (bundle/models/model.ts)"
 # MONAI's exporter does not put the bundle root on sys.path as `run` does. No preset: training wrote the network it
-# published into bundle/configs/metadata.json, which inference.yaml reads.
+# published into bundle/configs/metadata.json, and the choice above its post-processing, which inference.yaml reads.
 PYTHONPATH=bundle "$PY" -m monai.bundle ckpt_export network_def --filepath bundle/models/model.ts \
     --ckpt_file bundle/models/model.pt --meta_file bundle/configs/metadata.json \
     --config_file bundle/configs/inference.yaml --bundle_root bundle
@@ -84,6 +89,8 @@ if ! wait "$baselines_pid"; then
 fi
 trap - EXIT
 grep -E "^stage [0-9]+: [0-9]+ s" "$LOGS/baselines.log" | sed 's/^/  baseline /' || true
+step "choosing the baseline_seg baseline's post-processing on the validation split"
+choose_postprocessing "['$TRAIN','$EVALUATE','$PRESET','configs/baseline_seg.yaml']"
 for baseline in baseline_seg baseline_cls; do
     step "evaluating the $baseline baseline"
     bundle "['$TRAIN','$EVALUATE','$PRESET','configs/$baseline.yaml']"

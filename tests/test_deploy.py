@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT, TINY_SIZE
-from test_export import INFERENCE, TINY_NETWORK, TinyModel, run_tool, tiny_model
+from test_export import INFERENCE, METADATA, TINY_NETWORK, TinyModel, run_tool, tiny_model
 from test_fast_inference import padded_volume
 
+from scripts.data.lesions import remove_small_lesions
 from scripts.inference.compare import compare_outputs
 from scripts.inference.inputs import find_inputs
 from scripts.inference.predict import brain_box, prepare
@@ -158,6 +159,26 @@ def test_the_app_writes_what_the_bundle_command_writes(
     flipped_mask = "flipped_pred_wt.nii.gz"
     nib.save(nib.Nifti1Image(mask, nib.load(output / flipped_mask).affine), changed / flipped_mask)
     assert compare_outputs(changed, bundle_outputs) == (3, [f"the masks of {volumes / 'flipped.nii.gz'} differ"])
+
+
+def test_the_app_applies_the_post_processing_its_model_ts_carries(
+    deploy_python: Path, model: TinyModel, volumes: Path, bundle_outputs: Path, tmp_path: Path
+) -> None:
+    # The model exported with a post-processing size in its metadata (as choosing it on validation writes it).
+    metadata = tmp_path / "metadata.json"
+    metadata.write_text(json.dumps(json.loads(METADATA.read_text()) | {"postprocessing": {"min_lesion_voxels": 300}}))
+    exported = tmp_path / "post.ts"
+    run_tool([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(exported),
+              "--ckpt_file", str(model.checkpoint), "--meta_file", str(metadata),
+              "--config_file", repr([INFERENCE, str(model.preset)]), "--bundle_root", "bundle"])  # fmt: skip
+    output = tmp_path / "out"
+    _check(run_app(deploy_python, REPO_ROOT / "deploy" / "app.py", "-i", str(volumes / CASE), "-o", str(output),
+                   "-m", str(exported)))  # fmt: skip
+    assert json.loads((output / f"{CASE}_pred.json").read_text())["preprocessing"]["min_lesion_voxels"] == 300
+    plain = np.asanyarray(nib.load(bundle_outputs / f"{CASE}_pred_wt.nii.gz").dataobj)  # the same model, none
+    mask = np.asanyarray(nib.load(output / f"{CASE}_pred_wt.nii.gz").dataobj)
+    np.testing.assert_array_equal(mask, remove_small_lesions(plain, 300))
+    assert mask.any()
 
 
 def test_the_packaged_layout_runs_from_a_model_folder_and_the_holoscan_variables(

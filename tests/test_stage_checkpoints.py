@@ -147,13 +147,20 @@ def test_publishing_describes_the_network_in_the_bundle_it_ships(tmp_path: Path,
     checkpoints = StageCheckpoints(str(folder), 1, STAGES, settings, str(prepared_small))
     network = {"in_channels": 1, "base_filters": 8, "depth": 3, "image_size": 32}
     metadata = bundle / "configs" / "metadata.json"
+    # A post-processing size chosen for other weights: forgotten when these are published (the baseline's beside it).
+    stale = {"min_lesion_voxels": 50, "model_sha256": "of other weights"}
+    metadata.write_text(json.dumps(json.loads(metadata.read_text()) | {"postprocessing": stale}))
+    (bundle / "models" / "baseline_seg").mkdir(parents=True)
+    (bundle / "models" / "baseline_seg" / "postprocessing.json").write_text(json.dumps(stale))
     before = metadata.read_text()
     # A baseline's model, or one trained outside the bundle: the bundle's metadata stays as it is.
     checkpoints.publish(str(bundle / "models" / "baseline_seg" / "model.pt"), str(metadata), network)
+    assert not (bundle / "models" / "baseline_seg" / "postprocessing.json").exists()
     checkpoints.publish(str(tmp_path / "elsewhere" / "model.pt"), str(metadata), network)
     assert metadata.read_text() == before
     checkpoints.publish(str(bundle / "models" / "model.pt"), str(metadata), network)
     written = json.loads(metadata.read_text())
     assert written["network_settings"] == network
+    assert written["postprocessing"] == {"min_lesion_voxels": 0}
     assert written["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
     assert torch.equal(torch.load(bundle / "models" / "model.pt")["w"], torch.ones(2))

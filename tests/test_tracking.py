@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_OVERRIDES, TRAIN, bundle_command, bundle_run, run_cli
+from conftest import EVALUATE, REPO_ROOT, TINY_OVERRIDES, TRAIN, bundle_command, bundle_run, run_cli
 from mlflow.tracking import MlflowClient
 
 EXPERIMENT = "brain_tumour_multitask"
@@ -157,6 +157,23 @@ def test_evaluation_is_logged_into_the_run_it_evaluates(trained: dict) -> None:
         artifacts = _artifacts(client, run.info.run_id)
         assert {"evaluation/metrics.json", "evaluation/report.md", "model/model.pt"} <= artifacts, variant
         assert not any(path.startswith("evaluation/baseline") for path in artifacts)
+
+
+def test_the_post_processing_chosen_on_validation_is_logged_into_the_models_run(trained: dict, tmp_path: Path) -> None:
+    # A copy of the store and of the model (the same sha256, so the same run): the session's own stay as they are.
+    store = tmp_path / "mlflow.db"
+    shutil.copy(Path(trained["tracking_uri"].removeprefix("sqlite:///")), store)
+    (tmp_path / "models").mkdir()
+    shutil.copy(trained["ckpt"] / "model.pt", tmp_path / "models" / "model.pt")
+    bundle_run([TRAIN, EVALUATE, "configs/demo.yaml"], "--dataset_dir", str(trained["data"]), "--ckpt_dir",
+               str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--tracking_uri", f"sqlite:///{store}",
+               "--eval_split", "validation", "--choose_postprocessing", "true", *TINY_OVERRIDES)  # fmt: skip
+    chosen = json.loads((tmp_path / "models" / "postprocessing.json").read_text())["min_lesion_voxels"]
+    run = _pipeline(f"sqlite:///{store}", "multitask")
+    assert run.data.metrics["validation_postprocessing_min_lesion_voxels"] == chosen
+    assert "validation_brats_patient_lesionwise_dice_mean" in run.data.metrics
+    artifacts = _artifacts(MlflowClient(f"sqlite:///{store}"), run.info.run_id, "evaluation_validation")
+    assert {"evaluation_validation/postprocessing.json", "evaluation_validation/metrics.json"} <= artifacts
 
 
 def test_baselines_are_their_own_runs_tagged_as_baselines(trained: dict) -> None:

@@ -9,7 +9,10 @@ Three parts:
   every slice (tumour-free slices included), slice-level tumour detection, and tumour / no-tumour
   classification for BraTS slices and Kaggle images separately; optionally (``native_grid``, on in evaluate.yaml)
   the official BraTS 2023+ whole-tumour metrics, global and lesion-wise, of each patient's mask put back on its
-  raw volume's grid (:func:`native_grid_scores`).
+  raw volume's grid (:func:`native_grid_scores`), after the model's post-processing (``min_lesion_voxels``: its
+  3D components below that size removed, as inference does); with ``lesion_size_candidates`` the collector first
+  chooses that size on what it recorded (:mod:`scripts.postprocessing`, validation split only). The prepared-slice
+  metrics score the network's masks as they are, without post-processing.
 * :func:`write_results`, which writes ``metrics.json`` (flat, numbers only), ``per_patient.csv``, ``per_image.csv``
   (each classified slice and image with its probability) and, through
   :mod:`scripts.report`, ``report.md`` with its figures.
@@ -58,10 +61,12 @@ from sklearn.metrics import (
 
 from .brats_metrics import whole_tumour_metrics
 from .data.images import KAGGLE_CLASSES
+from .data.lesions import remove_small_lesions
 from .data.slices import slices_to_volume
 from .data.volumes import VolumeCase, find_cases, load_case, to_original_grid
 from .errors import UsageError
 from .files import write_json_atomic
+from .postprocessing import choose_min_lesion_voxels, lesionwise_dice_by_size
 from .report import write_report
 
 __all__ = [
@@ -72,9 +77,11 @@ __all__ = [
     "PatientScore",
     "PredictionCollector",
     "SliceMasks",
+    "choose_postprocessing",
     "classification_metrics",
     "compute_metrics",
     "load_patients",
+    "native_grid_masks",
     "native_grid_scores",
     "patient_hd95",
     "prepared_spacing",
@@ -479,6 +486,7 @@ def score_patients(
     patients: Mapping[str, Mapping[str, Any]] | None = None,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     native_grid: bool = False,
+    min_lesion_voxels: int = 0,
 ) -> list[PatientScore]:
     """Per-patient 3D Dice and HD95, and with ``native_grid`` the official BraTS metrics on the raw volume's grid.
 
@@ -490,6 +498,7 @@ def score_patients(
         spacing: ``(row, column, slice)`` spacing of the stacked volumes (see :func:`prepared_spacing`).
         native_grid: Also score each patient with :func:`native_grid_scores` (needs ``patients`` and the raw
             cases it names, and slices recorded with their probabilities).
+        min_lesion_voxels: The post-processing of the native-grid masks (:func:`native_grid_scores`).
 
     Returns:
         One score per patient, sorted by patient id.
@@ -501,9 +510,7 @@ def score_patients(
     if native_grid and patients is None:
         raise ValueError("the native-grid metrics need patients.json (where each patient's raw case is)")
     raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] = {}
-    by_patient: dict[str, list[SliceMasks]] = defaultdict(list)
-    for masks in slices:
-        by_patient[masks.patient].append(masks)
+    by_patient = _by_patient(slices)
     scores = []
     for patient in sorted(by_patient):
         own = sorted(by_patient[patient], key=lambda masks: masks.z)
@@ -515,7 +522,9 @@ def score_patients(
         overlap = sum(masks.overlap for masks in own)
         dropped, unseen, complete = _missing_tumour(patient, set(zs), label_pixels, patients)
         pred, label = patient_volumes(own)
-        native = native_grid_scores(patient, own, patients[patient], raw_cases) if native_grid else {}
+        native = {}
+        if native_grid:
+            native = native_grid_scores(patient, own, patients[patient], raw_cases, min_lesion_voxels)
         scores.append(
             PatientScore(
                 patient=patient,
@@ -533,6 +542,13 @@ def score_patients(
             )
         )
     return scores
+
+
+def _by_patient(slices: Iterable[SliceMasks]) -> dict[str, list[SliceMasks]]:
+    by_patient: dict[str, list[SliceMasks]] = defaultdict(list)
+    for masks in slices:
+        by_patient[masks.patient].append(masks)
+    return by_patient
 
 
 def _missing_case_message(patient: str, case_dir: Any) -> str:
@@ -567,8 +583,25 @@ def native_grid_scores(
     slices: Sequence[SliceMasks],
     record: Mapping[str, Any],
     raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] | None = None,
+    min_lesion_voxels: int = 0,
 ) -> dict[str, float]:
-    """The official BraTS whole-tumour metrics of one patient, on the grid of its raw volume.
+    """The official BraTS whole-tumour metrics of one patient, on the grid of its raw volume, after the model's
+    post-processing (components below ``min_lesion_voxels`` removed from the prediction; 0: none).
+
+    Returns:
+        :func:`scripts.brats_metrics.whole_tumour_metrics` of the patient.
+    """
+    prediction, reference, spacing = native_grid_masks(patient, slices, record, raw_cases)
+    return whole_tumour_metrics(remove_small_lesions(prediction, min_lesion_voxels), reference, spacing)
+
+
+def native_grid_masks(
+    patient: str,
+    slices: Sequence[SliceMasks],
+    record: Mapping[str, Any],
+    raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] | None = None,
+) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """One patient's predicted and reference whole-tumour masks on the grid of its raw volume, and its voxel size.
 
     Why: the slice-grid scores above are on prepared (resized) slices; BraTS scores the mask on the volume's own
     grid, lesion by lesion. The prediction goes back the way inference writes its mask (one path, no second
@@ -584,7 +617,7 @@ def native_grid_scores(
         raw_cases: Cache of listed raw data folders, shared across patients.
 
     Returns:
-        :func:`scripts.brats_metrics.whole_tumour_metrics` of the patient.
+        ``(prediction, reference, spacing)``: bool masks in the raw file's voxel order, spacing in mm per axis.
 
     Raises:
         UsageError: The raw case (folder or segmentation) is missing.
@@ -605,11 +638,22 @@ def native_grid_scores(
     ras_shape = tuple(int(n) for n in loaded.image.shape[1:])
     probabilities = np.stack([masks.probability()[None] for masks in slices])
     mask_ras = slices_to_volume(probabilities, [masks.z for masks in slices], ras_shape, is_mask=True)
-    return whole_tumour_metrics(
-        to_original_grid(mask_ras, loaded),
-        to_original_grid(loaded.mask, loaded),
-        spacing=voxel_sizes(loaded.original_affine),
-    )
+    spacing = tuple(float(s) for s in voxel_sizes(loaded.original_affine))
+    return to_original_grid(mask_ras, loaded) != 0, to_original_grid(loaded.mask, loaded) != 0, spacing
+
+
+def choose_postprocessing(
+    slices: Iterable[SliceMasks], patients: Mapping[str, Mapping[str, Any]], candidates: Sequence[int]
+) -> dict[str, Any]:
+    """Choose the model's post-processing size on these (validation) patients' native-grid masks
+    (:func:`scripts.postprocessing.choose_min_lesion_voxels`); each mask is put back once and post-processed per
+    candidate, the network is not run again. Only one patient's volumes are held at a time."""
+    raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] = {}
+    scores = []
+    for patient, own in sorted(_by_patient(slices).items()):
+        masks = native_grid_masks(patient, sorted(own, key=lambda m: m.z), patients[patient], raw_cases)
+        scores.append(lesionwise_dice_by_size(*masks, candidates))
+    return choose_min_lesion_voxels(scores)
 
 
 def _missing_tumour(
@@ -799,6 +843,7 @@ def compute_metrics(
     min_tumour_pixels: int = 1,
     threshold: float | None = None,
     native_grid: bool = False,
+    min_lesion_voxels: int = 0,
 ) -> tuple[dict[str, float], list[PatientScore]]:
     """Score everything the collector recorded.
 
@@ -809,14 +854,15 @@ def compute_metrics(
         min_tumour_pixels: Smallest mask area that makes a slice tumour-positive for detection.
         threshold: Classification threshold; default: ``records.threshold``.
         native_grid: Add the official BraTS metrics on the raw volumes' grid (see :func:`score_patients`).
+        min_lesion_voxels: Their post-processing (recorded as ``postprocessing_min_lesion_voxels``).
 
     Returns:
         ``(metrics, per_patient)``: a flat dict of numbers (NaN where undefined; the key list is the same for
         every run, so runs compare key by key) and the per-patient scores.
     """
     threshold = records.threshold if threshold is None else threshold
-    scores = score_patients(records.slices, patients, spacing, native_grid)
-    metrics: dict[str, float] = {}
+    scores = score_patients(records.slices, patients, spacing, native_grid, min_lesion_voxels)
+    metrics: dict[str, float] = {"postprocessing_min_lesion_voxels": min_lesion_voxels if native_grid else math.nan}
     metrics.update(segmentation_metrics(scores, records.slices))
     metrics.update(detection_metrics(records.slices, min_tumour_pixels))
     for source in SOURCES:
@@ -1042,6 +1088,9 @@ class PredictionCollector:
         min_tumour_pixels: Smallest mask area that makes a slice tumour-positive for detection.
         native_grid: Also compute the official BraTS metrics on each raw volume's grid (:func:`native_grid_scores`):
             keeps the probabilities near each predicted mask, reads the raw cases ``patients`` names.
+        min_lesion_voxels: The model's post-processing, applied to the native-grid masks (0: none).
+        lesion_size_candidates: Choose ``min_lesion_voxels`` among these on the recorded patients first
+            (:func:`choose_postprocessing`; the choice, ``selection``, is also written to ``postprocessing.json``).
     """
 
     def __init__(
@@ -1056,6 +1105,8 @@ class PredictionCollector:
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         min_tumour_pixels: int = 1,
         native_grid: bool = False,
+        min_lesion_voxels: int = 0,
+        lesion_size_candidates: Sequence[int] | None = None,
     ) -> None:
         self.output_transform = output_transform
         self.batch_transform = batch_transform
@@ -1069,6 +1120,12 @@ class PredictionCollector:
         self.native_grid = bool(native_grid)
         if self.native_grid and self.patients is None:
             raise ValueError("native_grid needs patients (patients.json names each patient's raw case)")
+        self.min_lesion_voxels = int(min_lesion_voxels)
+        candidates = lesion_size_candidates
+        self.lesion_size_candidates = None if candidates is None else [int(n) for n in candidates]
+        if self.lesion_size_candidates is not None and not self.native_grid:
+            raise UsageError("choosing the post-processing scores the native grid: it needs native_grid_metrics true")
+        self.selection: dict[str, Any] | None = None
         self.records = self._new_records()
         self.metrics: dict[str, float] = {}
         self.per_patient: list[PatientScore] = []
@@ -1145,9 +1202,19 @@ class PredictionCollector:
             raise ValueError(f"unknown source {source!r}: expected one of {SOURCES}")
 
     def compute(self) -> tuple[dict[str, float], list[PatientScore]]:
-        """Metrics and per-patient scores of what has been recorded (see :func:`compute_metrics`)."""
+        """Metrics and per-patient scores of what has been recorded (see :func:`compute_metrics`), after choosing the
+        post-processing when asked to."""
+        if self.lesion_size_candidates is not None and self.records.slices:
+            self.selection = choose_postprocessing(self.records.slices, self.patients, self.lesion_size_candidates)
+            self.min_lesion_voxels = self.selection["min_lesion_voxels"]
         self.metrics, self.per_patient = compute_metrics(
-            self.records, self.patients, self.spacing, self.min_tumour_pixels, self.threshold, self.native_grid
+            self.records,
+            self.patients,
+            self.spacing,
+            self.min_tumour_pixels,
+            self.threshold,
+            self.native_grid,
+            self.min_lesion_voxels,
         )
         return self.metrics, self.per_patient
 
@@ -1159,6 +1226,8 @@ class PredictionCollector:
             raise ValueError("PredictionCollector.write needs results_dir")
         metrics, per_patient = self.compute()
         self.paths = write_results(metrics, per_patient, self.records, self.results_dir)
+        if self.selection is not None:
+            self.paths["postprocessing"] = write_json_atomic(self.results_dir / "postprocessing.json", self.selection)
         if engine is not None:
             engine.state.metrics.update(metrics)
         logger.info("evaluation results written to %s", self.results_dir)

@@ -48,6 +48,7 @@ _SEGMENTATION_ROWS = (
     ("brats_slice_dice_tumour_free_slices_mean", "Slice Dice, mean over tumour-free slices"),
 )
 _NATIVE_GRID_ROWS = (
+    ("postprocessing_min_lesion_voxels", "Post-processing: components below this many voxels removed (0: none)"),
     ("brats_patient_global_dice_mean", "Global Dice, mean"),
     ("brats_patient_global_dice_median", "Global Dice, median"),
     ("brats_patient_global_hd95_mean", "Global HD95 (mm), mean"),
@@ -260,7 +261,8 @@ def _markdown(metrics: Mapping[str, Any], per_patient: Sequence[PatientScore], f
                 "Dice. Lesion-wise scores average over all lesions, an unpaired one (missed, or a false positive) "
                 "counting Dice 0 and HD95 373 mm, so a few stray voxels cost a whole lesion while barely moving the "
                 "global Dice. A patient with prediction and reference both empty is undefined and left out, as in "
-                "the official evaluation.",
+                "the official evaluation. The predicted masks are post-processed first as inference does: their "
+                "components below the size chosen for the model on the validation split are removed (first row).",
                 "",
             ]
             lines += _metric_table(metrics, _NATIVE_GRID_ROWS)

@@ -40,6 +40,7 @@ from .files import file_sha256, write_json_atomic
 from .flags import as_bool
 from .handlers import AtomicCheckpointSaver
 from .networks.checkpoints import is_bundle_model
+from .postprocessing import forget_stale_choice
 from .tracking import flatten_settings
 
 RECORD = "stage.json"
@@ -303,7 +304,8 @@ class StageCheckpoints:
         """Make the stage's best weights the variant's model: ``model.pt`` as a plain state dict (what
         ``ckpt_export``, ``inference.yaml`` and the Deploy app load); when that is the bundle's own
         ``models/model.pt``, the network's settings and input size go into its ``metadata_file``, so that
-        ``bundle/`` alone describes its weights. Returns the model's path."""
+        ``bundle/`` alone describes its weights; a post-processing size chosen for other weights is forgotten
+        (:func:`scripts.postprocessing.forget_stale_choice`). Returns the model's path."""
         if not os.path.isfile(self.best_path):
             raise UsageError(f"Nothing to publish: {self.best_path} does not exist (train stage {self.stage} first).")
         state = torch.load(self.best_path, map_location="cpu", weights_only=True)
@@ -314,6 +316,7 @@ class StageCheckpoints:
         # The bundle describes the model it ships (models/model.pt beside configs/), not a baseline's or one elsewhere.
         if is_bundle_model(metadata_file, model_path) and network is not None:
             describe_network(metadata_file, network)
+        forget_stale_choice(metadata_file, model_path)
         return model_path
 
 

@@ -4,7 +4,9 @@ Volumes go through :func:`scripts.data.volumes.load_case` and :func:`scripts.dat
 in data preparation (RAS, robust z-score on brain voxels, display plane, resize); images through
 :func:`scripts.data.images.preprocess_grey` as the Kaggle images were. Predictions go back with
 :func:`scripts.data.slices.slices_to_volume` and :func:`scripts.data.volumes.to_original_grid`, so a volume's mask
-has the input file's shape and voxel order, and an image's mask its size.
+has the input file's shape and voxel order, and an image's mask its size. A volume's mask then loses its 3D
+components of fewer than ``InferenceSettings.min_lesion_voxels`` voxels (the post-processing chosen for the model on
+validation, :mod:`scripts.data.lesions`); the per-slice voxel counts of the report are those of the final mask.
 
 The fast path (``InferenceSettings.fast_inference``, on by default) decodes a volume's segmentation on its brain's
 bounding box only, taken in the network's input grid after the resize (training's pixel scale), and pastes it back
@@ -29,6 +31,7 @@ from nibabel import orientations
 from torch import nn
 
 from scripts.data.images import load_grey, preprocess_grey
+from scripts.data.lesions import remove_small_lesions
 from scripts.data.slices import extract_slices, restore_slice, slices_to_volume
 from scripts.data.volumes import DataError, LoadedCase, load_case, to_original_grid
 
@@ -314,6 +317,7 @@ def _finish_volume(
     loaded = prepared.loaded
     probabilities = torch.sigmoid(seg.float()).numpy()
     mask_ras = slices_to_volume(probabilities, prepared.z, prepared.ras_shape, is_mask=True)
+    mask_ras = remove_small_lesions(mask_ras, settings.min_lesion_voxels)
     mask = to_original_grid(mask_ras, loaded)
     tumour = _tumour_probability(cls)
     by_z = dict(zip(prepared.z.tolist(), tumour.tolist(), strict=True))
@@ -389,7 +393,8 @@ def _finish_image(
 def finish(
     prepared: PreparedVolume | PreparedImage, outputs: dict[str, torch.Tensor], settings: InferenceSettings
 ) -> Prediction:
-    """Turn the network's outputs for one input into its mask (sigmoid > 0.5, on the input's grid) and report."""
+    """Turn the network's outputs for one input into its mask (sigmoid > 0.5, on the input's grid; a volume's without
+    its components below ``settings.min_lesion_voxels``) and report."""
     seg, cls = outputs["seg"].detach().cpu(), outputs["cls"].detach().cpu()
     if isinstance(prepared, PreparedVolume):
         return _finish_volume(prepared, seg, cls, settings)

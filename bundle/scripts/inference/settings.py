@@ -23,6 +23,7 @@ _CONFIG_KEYS = {
     "min_brain_fraction": "min_brain_fraction",
     "slice_batch_size": "batch_size",
     "fast_inference": "fast_inference",
+    "min_lesion_voxels": "min_lesion_voxels",
 }
 
 
@@ -43,6 +44,10 @@ class InferenceSettings:
             default layout. On by default: the masks and probabilities agree with whole slices
             (tests/test_fast_inference.py) for less work. Configs without the key (a model.ts exported before it
             existed) get the default.
+        min_lesion_voxels: Post-processing of a volume's mask: its 3D connected components (26-connectivity) of fewer
+            voxels are removed (:func:`scripts.data.lesions.remove_small_lesions`); 0 removes none. The size chosen
+            for the model on the validation split (metadata.json ``postprocessing``); 2D images are left as they are.
+            Configs without the key (a model.ts exported before it existed) get 0.
     """
 
     image_size: int
@@ -51,6 +56,7 @@ class InferenceSettings:
     min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION
     slice_batch_size: int = DEFAULT_SLICE_BATCH_SIZE
     fast_inference: bool = True
+    min_lesion_voxels: int = 0
 
     def summary(self) -> dict[str, Any]:
         """The settings as recorded in every output JSON."""
@@ -60,6 +66,7 @@ class InferenceSettings:
             "modalities": list(self.modalities),
             "min_brain_fraction": self.min_brain_fraction,
             "fast_inference": self.fast_inference,
+            "min_lesion_voxels": self.min_lesion_voxels,
         }
 
 
@@ -70,6 +77,7 @@ def make_settings(
     min_brain_fraction: float = DEFAULT_MIN_BRAIN_FRACTION,
     slice_batch_size: int = DEFAULT_SLICE_BATCH_SIZE,
     fast_inference: bool = True,
+    min_lesion_voxels: int = 0,
 ) -> InferenceSettings:
     """Check and build the settings.
 
@@ -81,6 +89,7 @@ def make_settings(
         min_brain_fraction: See :class:`InferenceSettings`.
         slice_batch_size: See :class:`InferenceSettings`.
         fast_inference: See :class:`InferenceSettings`.
+        min_lesion_voxels: See :class:`InferenceSettings`.
 
     Raises:
         ValueError: On values that cannot work, naming the setting.
@@ -97,13 +106,16 @@ def make_settings(
             f"modalities {list(modalities)} do not give one distinct name from {list(MODALITIES)} for each of the "
             f"{in_channels} input channels"
         )
-    if image_size < 8 or slice_batch_size < 1 or not 0 <= float(min_brain_fraction) < 1:
+    min_lesion_voxels = int(min_lesion_voxels)
+    if image_size < 8 or slice_batch_size < 1 or not 0 <= float(min_brain_fraction) < 1 or min_lesion_voxels < 0:
         raise ValueError(
             f"invalid settings: image_size {image_size} (at least 8), batch size {slice_batch_size} (at least 1), "
-            f"min_brain_fraction {min_brain_fraction} (in [0, 1))"
+            f"min_brain_fraction {min_brain_fraction} (in [0, 1)), min_lesion_voxels {min_lesion_voxels} (0: none)"
         )
     fast = as_bool(fast_inference, "fast_inference")  # `--fast_inference false` arrives as text
-    return InferenceSettings(image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size, fast)
+    return InferenceSettings(
+        image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size, fast, min_lesion_voxels
+    )
 
 
 def settings_from_config(
