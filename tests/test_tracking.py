@@ -459,4 +459,6 @@ def test_the_compare_page_lists_the_pipeline_and_baselines(trained: dict, tmp_pa
         dom = subprocess.run(command, capture_output=True, text=True, timeout=180).stdout
     for run in runs.values():
         assert run.info.run_name in dom, f"{run.info.run_name!r} not on the rendered compare page"
-    assert "test_brats_patient_dice_mean" in dom
+    # The page renders only the metric rows in view (a virtualised list, sorted by name; the native-grid BraTS
+    # metrics push test_brats_patient_* below the fold), so the check takes rows near the top.
+    assert "test_brats_cls_roc_auc" in dom and "test_brats_hd95_mean" in dom
