@@ -58,8 +58,14 @@ def full_inference(synthetic_small: Path, tmp_path_factory: pytest.TempPathFacto
 
 def test_training_figures_are_positive_and_ratios_are_their_quotients(figures: dict) -> None:
     training = figures["training"]
-    for name in ("multitask", "seg_only", "multitask_channels_last", "real_loading", "compute_only"):
+    for name in ("multitask", "seg_only", "multitask_other_layout", "real_loading", "compute_only"):
         assert training[f"{name}_images_per_s"] > 0
+    # train.yaml trains channels_last: the other trainer is the NCHW one the ratio divides by.
+    assert training["channels_last_configured"] is True
+    assert training["multitask_channels_last_step_s"] == pytest.approx(training["multitask_step_s"])
+    assert training["multitask_channels_last_step_s_over_multitask_contiguous_step_s"] == pytest.approx(
+        training["multitask_step_s"] / training["multitask_contiguous_step_s"]
+    )
     assert training["batch_size"] == 4
     assert training["multitask_step_s"] == pytest.approx(4 / training["multitask_images_per_s"])
     assert training["multitask_step_s_over_seg_only_step_s"] == pytest.approx(
