@@ -88,22 +88,15 @@ class BatchAugmentation(nn.Module):
 
     def _draws(self, count: int, prob: float, bound: float, like: torch.Tensor) -> torch.Tensor:
         """Per-image ``U(-bound, bound)``, 0 for the images not chosen (probability ``prob``), as (B, 1, 1, 1)."""
-        chosen = _chosen(count, prob, like.device)
-        values = (torch.rand(count, device=like.device) * 2 - 1) * bound * chosen
-        return values.to(like.dtype).view(-1, 1, 1, 1)
+        return _uniform(_chosen(count, prob, like.device), bound).to(like.dtype).view(-1, 1, 1, 1)
 
     def _affines(self, moved: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """(B, 2, 3) matrices from output to input coordinates (normalised to [-1, 1]), the identity where
         ``moved`` is False. Rotation and scale act about the centre as in ``RandAffined``; square pixels assumed."""
-        count, height, width = shape[0], shape[-2], shape[-1]
-        device = moved.device
-
-        def uniform(bound: float, *size: int) -> torch.Tensor:
-            return (torch.rand(count, *size, device=device) * 2 - 1) * bound * moved.view(-1, *([1] * len(size)))
-
-        angle = uniform(self.rotate_range)
-        scale = 1 + uniform(self.scale_range, 2)
-        shift = uniform(self.translate_range, 2) * 2 / torch.tensor([width, height], device=device)
+        height, width = shape[-2], shape[-1]
+        angle = _uniform(moved, self.rotate_range)
+        scale = 1 + _uniform(moved, self.scale_range, 2)
+        shift = _uniform(moved, self.translate_range, 2) * 2 / torch.tensor([width, height], device=moved.device)
         cos, sin = torch.cos(angle), torch.sin(angle)
         # Rotation in pixel units, expressed in normalised coordinates (x spans width, y spans height).
         aspect = height / width
@@ -115,3 +108,9 @@ class BatchAugmentation(nn.Module):
 def _chosen(count: int, prob: float, device: torch.device) -> torch.Tensor:
     """A (B,) boolean mask of the images that a transform of probability ``prob`` applies to."""
     return torch.rand(count, device=device) < prob
+
+
+def _uniform(chosen: torch.Tensor, bound: float, *size: int) -> torch.Tensor:
+    """(B, *size) draws of ``U(-bound, bound)``, 0 for the images ``chosen`` (B,) leaves out."""
+    values = torch.rand(chosen.shape[0], *size, device=chosen.device) * 2 - 1
+    return values * bound * chosen.view(-1, *([1] * len(size)))
