@@ -62,7 +62,7 @@ sys.path.insert(0, str(REPO_ROOT / "bundle"))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from scripts.data.splits import subject_of  # noqa: E402
-from scripts.tracking import PARENT_TAG, default_tracking_uri, mlflow_client  # noqa: E402
+from scripts.tracking import PARENT_TAG, default_tracking_uri, evaluation_folder, mlflow_client  # noqa: E402
 
 VARIANTS = ("multitask", "baseline_seg", "baseline_cls")
 # (MLflow metric or param, column title, True when larger is better, False for a cost), "{split}" the split scored
@@ -259,11 +259,6 @@ def table_rows(client, runs: dict[str, list], split: str, per_fold: bool = False
                 row[key + "_range"] = [min(values), max(values)]
         rows[variant] = row
     return rows
-
-
-def evaluation_folder(split: str) -> str:
-    """Where evaluate.yaml logs a split's files in a run (scripts/tracking.py log_evaluation)."""
-    return "evaluation" if split == "test" else f"evaluation_{split}"
 
 
 def read_table(client, run, split: str, name: str, cache: dict) -> list[dict[str, str]] | None:

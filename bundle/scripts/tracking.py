@@ -757,14 +757,21 @@ def find_model_run(tracking_uri: str, experiment_name: str, model_path: str | os
     return found[0].info.run_id if found else None
 
 
+def evaluation_folder(split: str) -> str:
+    """Where a run keeps the evaluation files of ``split``: ``evaluation/`` for the test split, ``evaluation_<split>/``
+    for another, so that a test evaluation never replaces a fold's validation per_patient.csv, which
+    scripts/compare_runs.py pools across folds."""
+    return "evaluation" if split == "test" else f"evaluation_{split}"
+
+
 def log_evaluation(
     tracking_uri: str, experiment_name: str, model_path: str, eval_dir: str, model_files: Sequence[str] = (),
     prefix: str = "test_",
 ) -> str:  # fmt: skip
     """Log an evaluation into the run that trained the model (found from the model file itself): its numeric
     metrics (``<split>_*``), report, plots, per-patient and per-image tables (under ``evaluation/`` for the test
-    split, ``evaluation_<split>/`` for another), and the model files that exist (checkpoint, and the TorchScript
-    export).
+    split, ``evaluation_<split>/`` for another: :func:`evaluation_folder`), and the model files that exist
+    (checkpoint, and the TorchScript export).
 
     Returns:
         A line for the log: where the evaluation went, or why it was not tracked.
@@ -780,9 +787,7 @@ def log_evaluation(
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text())
         client.log_metrics(run_id, {prefix + key: value for key, value in metrics.items()})
-    # Each split's files in their own folder: a test evaluation must not replace a fold's validation per_patient.csv,
-    # which scripts/compare_runs.py pools across folds.
-    folder = "evaluation" if prefix == "test_" else "evaluation_" + prefix.rstrip("_")
+    folder = evaluation_folder(prefix.rstrip("_"))
     for path in sorted(Path(eval_dir).iterdir()) if Path(eval_dir).is_dir() else []:
         if path.is_file():
             client.log_artifact(run_id, path, folder)
