@@ -19,6 +19,7 @@ def _batch(source: str, probs: list[float], targets: list[int], dice_perfect: bo
         label[:, :, :2] = 1
         out["label"] = label
         out["seg_prob"] = label.clone() if dice_perfect else 1 - label
+        out["patient"] = [f"P{index}" for index in range(len(probs))]
     return out
 
 
@@ -52,3 +53,21 @@ def test_a_source_without_both_classes_is_left_out_of_the_score() -> None:
     metrics = _run(["cls"], [_batch("brats", [0.1, 0.9], [0, 1]), _batch("kaggle", [0.3, 0.4], [1, 1])])
     assert math.isnan(metrics["val_kaggle_auc"])
     assert metrics["val_score"] == pytest.approx(metrics["val_brats_auc"]) == pytest.approx(1.0)
+
+
+def test_the_dice_is_per_patient_over_its_stacked_slices_and_the_slice_dice_is_kept() -> None:
+    # Patient A: a tumour slice with 4 of 8 tumour pixels found, and a tumour-free slice with 2 false positives:
+    # per patient 2*4 / (6 + 8) = 0.571; per slice (2*4 / 12 = 0.667 and 0) / 2. Patient B: nothing, nothing: 1.
+    label = torch.zeros(3, 1, 4, 4)
+    label[0, 0, :2] = 1
+    prediction = torch.zeros(3, 1, 4, 4)
+    prediction[0, 0, 0] = 1
+    prediction[1, 0, 3, :2] = 1
+    batch = {"seg_prob": prediction * 0.9, "label": label, "patient": ["A", "A", "B"], "source": ["brats"] * 3}
+    metrics = _run(["seg"], [batch])
+    assert metrics["val_dice"] == pytest.approx((8 / 14 + 1.0) / 2)
+    assert metrics["val_slice_dice"] == pytest.approx((8 / 12 + 0.0 + 1.0) / 3)
+    assert metrics["val_score"] == pytest.approx(metrics["val_dice"])
+    # Split over two batches, a patient's slices add up to the same Dice.
+    halves = [{key: value[:1] for key, value in batch.items()}, {key: value[1:] for key, value in batch.items()}]
+    assert _run(["seg"], halves)["val_dice"] == pytest.approx(metrics["val_dice"])
