@@ -233,7 +233,7 @@ def test_fold_k_trains_and_validates_on_its_side_and_says_so_in_its_settings(tmp
     plain = _parser(["train.yaml"], dataset_dir=str(folder))
     assert plain.get_parsed_content("train#dataset").data == load_datalist(path, "brats_training", folder)
     settings = plain.get_parsed_content("settings")
-    assert settings["fold"] is None and settings["num_folds"] is None
+    assert settings["fold"] is None
 
 
 def test_a_folds_checkpoints_never_resume_as_another_folds(tmp_path: Path) -> None:
@@ -251,7 +251,7 @@ def test_a_folds_checkpoints_never_resume_as_another_folds(tmp_path: Path) -> No
     made = checkpoints(None)
     made.write_record(settings=made.settings, epochs_done=1)
     torch.save({"epoch": 1}, stage_dir / "checkpoint_epoch=1.pt")
-    now = StageCheckpoints(str(stage_dir), 1, stages, {**settings, "fold": None, "num_folds": None}, str(folder))
+    now = StageCheckpoints(str(stage_dir), 1, stages, {**settings, "fold": None, "num_folds": 5}, str(folder))
     assert "resumes after epoch 1" in now.check(dry_run=True)
     # Fold 0's checkpoints: fold 1 stops, naming the difference.
     made = checkpoints(0)
