@@ -166,3 +166,50 @@ def test_the_weight_average_is_validated_and_training_goes_on_from_the_networks_
     restored.load_state_dict(average.state_dict())
     torch.testing.assert_close(restored.average.module.cls_head.mlp[-1].weight, start + 1.5)
     assert WeightAverage(model, validator, decay=0.0).state_dict() == {}, "decay 0: no average at all"
+
+
+def _hand_gradients(brats: list[dict], kaggle: list[dict], cls_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder gradients of the joint step's BraTS batch and of its Kaggle batches, each computed by hand."""
+    from monai.losses import DiceFocalLoss
+
+    from scripts.losses import classification_loss
+
+    torch.manual_seed(0)
+    model = create_multi_task_model(base_filters=4, depth=2, num_domains=2, cls_dropout=0.0).train()
+    seg_loss, cls_loss = DiceFocalLoss(sigmoid=True), classification_loss("focal")
+    steps = 1 + len(kaggle)
+    out = model(brats[0]["image"], domain=0)
+    (seg_loss(out["seg"], brats[0]["label"]) + cls_weight * cls_loss(out["cls"], brats[0]["cls"]) / steps).backward()
+    brats_grad = torch.cat([p.grad.flatten().clone() for p in model.encoder.parameters()])
+    model.zero_grad()
+    kaggle_terms = [cls_loss(model(b["image"], do_seg=False, domain=1)["cls"], b["cls"]) for b in kaggle]
+    (cls_weight * torch.stack(kaggle_terms).sum() / steps).backward()
+    return brats_grad, torch.cat([p.grad.flatten() for p in model.encoder.parameters()])
+
+
+@pytest.mark.parametrize("project", [False, True])
+def test_the_gradient_conflict_is_measured_and_projected_as_pcgrad_says(project: bool) -> None:
+    from scripts.handlers import GradientConflict
+
+    brats, kaggle = _tiny_batches(7)
+    cls_weight = 5.0
+    g_b, g_k = _hand_gradients(brats, kaggle, cls_weight)
+    dot = torch.dot(g_b, g_k)
+    assert dot < 0, "the case under test: the Kaggle batches' gradient points against the BraTS batch's"
+
+    torch.manual_seed(0)
+    model = create_multi_task_model(base_filters=4, depth=2, num_domains=2, cls_dropout=0.0)
+    trainer, optimizer, _ = _joint_trainer(model, brats, kaggle, cls_weight)
+    GradientConflict(model, {"project_conflicts": project}, every=trainer.accumulation_steps).attach(trainer)
+    updates: list[torch.Tensor] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: updates.append(torch.cat([p.grad.flatten() for p in model.encoder.parameters()]))
+    )
+    trainer.run()
+
+    assert trainer.state.metrics["encoder_grad_cosine"] == pytest.approx(float(dot / (g_b.norm() * g_k.norm())), 1e-3)
+    assert trainer.state.metrics["encoder_grad_conflicts"] == 1.0
+    expected = g_b + (g_k - dot / g_b.pow(2).sum() * g_b if project else g_k)
+    torch.testing.assert_close(updates[0], expected, rtol=1e-4, atol=1e-6)
+    if project:
+        assert torch.dot(updates[0] - g_b, g_b) == pytest.approx(0.0, abs=1e-6 * float(g_b.norm() ** 2))

@@ -121,3 +121,68 @@ class WeightAverage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.average is not None and state:
             self.average.load_state_dict(state)
+
+
+class GradientConflict:
+    """The joint step's gradient conflict on the shared encoder: measured always, projected away on request (PCGrad).
+
+    In a joint step (a BraTS batch, then its Kaggle batches, gradients accumulated) the encoder's gradient is the
+    BraTS batch's ``g_b`` (L_seg and its slices' classification) plus the Kaggle batches' ``g_k``. Their cosine,
+    averaged over the epoch's steps, goes to the trainer's metrics as ``encoder_grad_cosine``, and the share of steps
+    where it is negative as ``encoder_grad_conflicts``. With ``project`` on, a conflicting ``g_k`` loses its
+    component along ``g_b`` before the optimizer steps (Yu et al. 2020, "Gradient surgery for multi-task learning",
+    one-sided: the Kaggle images may not undo the BraTS batch's update). MONAI has no such handler.
+
+    Args:
+        network: the trained network (unwrapped from DistributedDataParallel), with an ``encoder``.
+        stage: the stage's settings; ``project_conflicts`` turns the projection on.
+        every: trainer iterations per optimizer update (the trainer's ``accumulation_steps``); 1: nothing to do.
+    """
+
+    def __init__(self, network: nn.Module, stage: dict[str, Any], every: int = 1) -> None:
+        self.parameters = [p for p in network.encoder.parameters() if p.requires_grad]
+        self.project, self.every = bool(stage.get("project_conflicts", False)), int(every)
+        self._brats: list[torch.Tensor] | None = None
+        self._cosines: list[float] = []
+
+    def attach(self, trainer: Any) -> None:
+        if self.every < 2 or not self.parameters:
+            return
+        from monai.engines.utils import IterationEvents
+
+        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.after_backward)
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: self._cosines.clear())
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self.summarise)
+
+    def after_backward(self, engine: Any) -> None:
+        # The same step boundaries as SupervisedTrainer's accumulation (the epoch's last step may be shorter).
+        position = (engine.state.iteration - 1) % engine.state.epoch_length
+        if position % self.every == 0:
+            self._brats = [_grad(p).clone() for p in self.parameters]
+        elif (position + 1) % self.every == 0 or position + 1 == engine.state.epoch_length:
+            self._combine()
+
+    def _combine(self) -> None:
+        if self._brats is None:
+            return
+        brats = torch.cat([g.flatten() for g in self._brats])
+        kaggle = torch.cat([_grad(p).flatten() for p in self.parameters]) - brats
+        dot, norms = torch.dot(kaggle, brats), brats.norm() * kaggle.norm()
+        self._cosines.append(float(dot / norms) if norms > 0 else 0.0)
+        if self.project and dot < 0:
+            kaggle -= dot / brats.pow(2).sum() * brats
+            offset = 0
+            for p in self.parameters:
+                size = p.numel()
+                p.grad.copy_((brats[offset : offset + size] + kaggle[offset : offset + size]).view_as(p))
+                offset += size
+        self._brats = None
+
+    def summarise(self, engine: Any) -> None:
+        if self._cosines:
+            engine.state.metrics["encoder_grad_cosine"] = sum(self._cosines) / len(self._cosines)
+            engine.state.metrics["encoder_grad_conflicts"] = sum(c < 0 for c in self._cosines) / len(self._cosines)
+
+
+def _grad(parameter: torch.Tensor) -> torch.Tensor:
+    return parameter.grad.detach() if parameter.grad is not None else torch.zeros_like(parameter)

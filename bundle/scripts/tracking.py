@@ -616,7 +616,9 @@ class StageRun(MLFlowHandler):
     def epoch_completed(self, engine: Engine) -> None:
         self._flush()
         means = {f"train_{name}_epoch": total / max(self._count, 1) for name, total in self._sums.items()}
-        self._log_finite({**means, "epoch_time_s": time.perf_counter() - self._epoch_started}, engine.state.epoch)
+        # The trainer's own metrics: scripts.handlers.GradientConflict's gradient cosine in a joint stage.
+        metrics = {**means, **engine.state.metrics, "epoch_time_s": time.perf_counter() - self._epoch_started}
+        self._log_finite(metrics, engine.state.epoch)
 
     def validated(self, validator: Engine) -> None:
         epoch = self._trainer.state.epoch if self._trainer is not None else validator.state.epoch
