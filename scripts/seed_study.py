@@ -150,14 +150,19 @@ def seed_result(seed_dir: Path, tracking_uri: str, experiment: str = EXPERIMENT)
         eval_dir = seed_dir / "eval" / ("" if variant == "multitask" else variant)
         metrics[variant] = json.loads((eval_dir / "metrics.json").read_text())
     run = client.get_run(find_model_run(tracking_uri, experiment, seed_dir / "models" / "model.pt"))
-    stage3 = stage_history(client, run.info.run_id, run.info.experiment_id, 3, "val_dice")
+
+    def stage3(metric: str) -> list[float]:
+        return stage_history(client, run.info.run_id, run.info.experiment_id, 3, metric)
+
     return {
         "dice": metrics["multitask"]["brats_patient_dice_mean"],
         "kaggle_auc": metrics["multitask"]["kaggle_cls_roc_auc"],
         "seg_only_dice": metrics["baseline_seg"]["brats_patient_dice_mean"],
         "cls_only_kaggle_auc": metrics["baseline_cls"]["kaggle_cls_roc_auc"],
         "stage1_best_val_dice": stage1_best(seed_dir),
-        "stage3_val_dice": stage3,
+        "stage3_val_dice": stage3("val_dice"),
+        # The cosine between the BraTS and the Kaggle batches' encoder gradients (scripts/handlers.py).
+        "stage3_encoder_grad_cosine": stage3("encoder_grad_cosine"),
         "training_time_s": run.data.metrics.get("training_time_s"),
     }
 
@@ -193,6 +198,10 @@ def report(results: dict[str, dict], overview: dict, what: str = "seed") -> str:
         lines.append(f"{seed:<5} {r['dice']:.3f}  {r['seg_only_dice']:.3f}     {r['kaggle_auc']:.3f}       "
                      f"{r['cls_only_kaggle_auc']:.3f}     {r['stage1_best_val_dice']:.3f}         {epochs:<33} "
                      f"{r['training_time_s'] or float('nan'):.0f}")  # fmt: skip
+    lines.append("")
+    lines.append(f"{what:<5} stage 3 cosine of the BraTS and Kaggle gradients on the encoder, by epoch")
+    for seed, r in results.items():
+        lines.append(f"{seed:<5} " + " ".join(f"{value:+.3f}" for value in r.get("stage3_encoder_grad_cosine", [])))
     lines.append("")
     for key, stats in overview["columns"].items():
         lines.append(f"{key:<20} mean {stats['mean']:.3f}  spread {stats['spread']:.3f}")

@@ -35,6 +35,8 @@ def test_a_seed_study_trains_each_seed_scores_validation_and_reports_the_targets
         for key in ("dice", "kaggle_auc", "seg_only_dice", "cls_only_kaggle_auc", "stage1_best_val_dice"):
             assert 0.0 <= seed[key] <= 1.0, key
         assert len(seed["stage3_val_dice"]) == 1, "stage 3's validation Dice of its one epoch"
+        (cosine,) = seed["stage3_encoder_grad_cosine"]
+        assert -1.0 <= cosine <= 1.0, "the joint stage measured its gradient conflict"
     dice = [seed["dice"] for seed in study["seeds"].values()]
     assert abs(study["columns"]["dice"]["spread"] - (max(dice) - min(dice))) < 1e-12
     assert (
