@@ -213,3 +213,22 @@ def test_the_gradient_conflict_is_measured_and_projected_as_pcgrad_says(project:
     torch.testing.assert_close(updates[0], expected, rtol=1e-4, atol=1e-6)
     if project:
         assert torch.dot(updates[0] - g_b, g_b) == pytest.approx(0.0, abs=1e-6 * float(g_b.norm() ** 2))
+    assert trainer.state.metrics["encoder_grad_norm_ratio"] == pytest.approx(float(g_k.norm() / g_b.norm()), 1e-3)
+
+
+def test_the_kaggle_gradient_can_be_capped_at_a_share_of_the_brats_gradients_norm() -> None:
+    from scripts.handlers import GradientConflict
+
+    brats, kaggle = _tiny_batches(7)
+    g_b, g_k = _hand_gradients(brats, kaggle, 5.0)
+    cap = 0.5 * float(g_k.norm() / g_b.norm())  # half the Kaggle gradient's own size: the cap bites
+    torch.manual_seed(0)
+    model = create_multi_task_model(base_filters=4, depth=2, num_domains=2, cls_dropout=0.0)
+    trainer, optimizer, _ = _joint_trainer(model, brats, kaggle, 5.0)
+    GradientConflict(model, {"max_kaggle_grad_ratio": cap}, every=trainer.accumulation_steps).attach(trainer)
+    updates: list[torch.Tensor] = []
+    optimizer.register_step_pre_hook(
+        lambda *_: updates.append(torch.cat([p.grad.flatten() for p in model.encoder.parameters()]))
+    )
+    trainer.run()
+    torch.testing.assert_close(updates[0], g_b + 0.5 * g_k, rtol=1e-4, atol=1e-6)

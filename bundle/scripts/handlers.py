@@ -129,21 +129,26 @@ class GradientConflict:
     In a joint step (a BraTS batch, then its Kaggle batches, gradients accumulated) the encoder's gradient is the
     BraTS batch's ``g_b`` (L_seg and its slices' classification) plus the Kaggle batches' ``g_k``. Their cosine,
     averaged over the epoch's steps, goes to the trainer's metrics as ``encoder_grad_cosine``, and the share of steps
-    where it is negative as ``encoder_grad_conflicts``. With ``project`` on, a conflicting ``g_k`` loses its
-    component along ``g_b`` before the optimizer steps (Yu et al. 2020, "Gradient surgery for multi-task learning",
-    one-sided: the Kaggle images may not undo the BraTS batch's update). MONAI has no such handler.
+    where it is negative as ``encoder_grad_conflicts``, and the mean of ``|g_k| / |g_b|`` as
+    ``encoder_grad_norm_ratio``. With ``project_conflicts``, a conflicting ``g_k`` loses its component along ``g_b``
+    before the optimizer steps (Yu et al. 2020, "Gradient surgery for multi-task learning", one-sided: the Kaggle
+    images may not undo the BraTS batch's update); with ``max_kaggle_grad_ratio``, a ``g_k`` longer than that many
+    times ``|g_b|`` is scaled down to it. MONAI has no such handler.
 
     Args:
         network: the trained network (unwrapped from DistributedDataParallel), with an ``encoder``.
-        stage: the stage's settings; ``project_conflicts`` turns the projection on.
+        stage: the stage's settings: ``project_conflicts`` and ``max_kaggle_grad_ratio`` (null: no cap).
         every: trainer iterations per optimizer update (the trainer's ``accumulation_steps``); 1: nothing to do.
     """
 
     def __init__(self, network: nn.Module, stage: dict[str, Any], every: int = 1) -> None:
         self.parameters = [p for p in network.encoder.parameters() if p.requires_grad]
         self.project, self.every = bool(stage.get("project_conflicts", False)), int(every)
+        ratio = stage.get("max_kaggle_grad_ratio")
+        self.max_ratio = None if ratio is None else float(ratio)
         self._brats: list[torch.Tensor] | None = None
         self._cosines: list[float] = []
+        self._ratios: list[float] = []
 
     def attach(self, trainer: Any) -> None:
         if self.every < 2 or not self.parameters:
@@ -151,7 +156,7 @@ class GradientConflict:
         from monai.engines.utils import IterationEvents
 
         trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.after_backward)
-        trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: self._cosines.clear())
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: (self._cosines.clear(), self._ratios.clear()))
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self.summarise)
 
     def after_backward(self, engine: Any) -> None:
@@ -169,8 +174,15 @@ class GradientConflict:
         kaggle = torch.cat([_grad(p).flatten() for p in self.parameters]) - brats
         dot, norms = torch.dot(kaggle, brats), brats.norm() * kaggle.norm()
         self._cosines.append(float(dot / norms) if norms > 0 else 0.0)
+        self._ratios.append(float(kaggle.norm() / brats.norm()) if brats.norm() > 0 else math.inf)
+        changed = False
         if self.project and dot < 0:
             kaggle -= dot / brats.pow(2).sum() * brats
+            changed = True
+        if self.max_ratio is not None and kaggle.norm() > self.max_ratio * brats.norm():
+            kaggle *= self.max_ratio * brats.norm() / kaggle.norm()
+            changed = True
+        if changed:
             offset = 0
             for p in self.parameters:
                 size = p.numel()
@@ -182,6 +194,7 @@ class GradientConflict:
         if self._cosines:
             engine.state.metrics["encoder_grad_cosine"] = sum(self._cosines) / len(self._cosines)
             engine.state.metrics["encoder_grad_conflicts"] = sum(c < 0 for c in self._cosines) / len(self._cosines)
+            engine.state.metrics["encoder_grad_norm_ratio"] = sum(self._ratios) / len(self._ratios)
 
 
 def _grad(parameter: torch.Tensor) -> torch.Tensor:
