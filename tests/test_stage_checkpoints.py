@@ -61,6 +61,13 @@ def test_other_settings_or_data_stop_before_anything_is_read(own_copy: dict, pre
     assert changed.returncode == 1 and "Traceback" not in changed.stderr
     assert message.startswith("Error: Stage 2 cannot resume: its checkpoints were made with other settings or data")
     assert "stage.lr: 0.001 -> 0.01" in message and "--restart true" in message and "--ckpt_dir DIR" in message
+    # The segmentation loss is a setting of the stages that segment, and only of those.
+    squared = bundle_run([TRAIN, "configs/demo.yaml"], *own_copy["common"], "--stage", "1", "--squared_pred", "true",
+                         check=False)  # fmt: skip
+    assert squared.returncode == 1 and "loss.squared_pred: False -> True" in squared.stderr
+    unaffected = bundle_run([TRAIN, "configs/demo.yaml"], *own_copy["common"], "--stage", "2", "--squared_pred",
+                            "true", check=False)  # fmt: skip
+    assert unaffected.returncode == 0, unaffected.stderr[-2000:]
     # Other prepared data (another split seed): the same, named by the data's digest.
     other = tmp_path / "other"
     shutil.copytree(prepared_small, other)

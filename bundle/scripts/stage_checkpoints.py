@@ -67,15 +67,18 @@ def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _unused(settings: Mapping[str, Any]) -> set[str]:
-    """Settings the stage does not train with: a seg-only stage ignores the classification loss, a stage without
-    both tasks the balance lambda, a BraTS-only stage the Kaggle batch size (e.g. a study of lambda reuses stage 1),
-    the prepared split (no fold) the number of folds (so checkpoints made before folds existed still fit)."""
+    """Settings the stage does not train with: a seg-only stage ignores the classification loss (a cls-only one the
+    segmentation's), a stage without both tasks the balance lambda, a BraTS-only stage the Kaggle batch size (e.g. a
+    study of lambda reuses stage 1), the prepared split (no fold) the number of folds (so checkpoints made before
+    folds existed still fit)."""
     stage = settings.get("stage", {})
     tasks, unused = set(stage.get("tasks", ())), set(FREE_SETTINGS)
     if settings.get("fold") is None:
         unused.add("num_folds")
     if "cls" not in tasks:
         unused |= {"loss.cls", "loss.focal_gamma"}
+    if "seg" not in tasks:
+        unused.add("loss.squared_pred")
     if tasks != {"seg", "cls"}:
         unused.add("loss.lambda")
     if stage.get("data") == "brats":
