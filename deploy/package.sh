@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-bundle/models/model.ts}
-TAG=${TAG:-brain-tumour-multitask:0.4.0}
+TAG=${TAG:-brain-tumour-multitask:0.5.0}
 PLATFORM=${PLATFORM:-x86_64}
 STAGE=${STAGE:-build/deploy-app}
 
