@@ -66,6 +66,7 @@ from .data.slices import slices_to_volume
 from .data.volumes import VolumeCase, find_cases, load_case, to_original_grid
 from .errors import UsageError
 from .files import write_json_atomic
+from .metrics import dice_from_counts
 from .postprocessing import choose_min_lesion_voxels, lesionwise_dice_by_size
 from .report import write_report
 
@@ -217,8 +218,7 @@ class SliceMasks:
     @property
     def dice(self) -> float:
         """Slice Dice; 1 when both masks are empty (a correct 'no tumour here')."""
-        total = self.pred_pixels + self.label_pixels
-        return 1.0 if total == 0 else 2.0 * self.overlap / total
+        return dice_from_counts(self.overlap, self.pred_pixels, self.label_pixels)
 
 
 @dataclass(slots=True)
@@ -397,11 +397,6 @@ class PatientScore:
     lesions_fn: int | None = None
 
 
-def _dice(overlap: int, pred_pixels: int, label_pixels: int) -> float:
-    total = pred_pixels + label_pixels
-    return 1.0 if total == 0 else 2.0 * overlap / total
-
-
 def prepared_spacing(
     original_shape: Sequence[int], size: int, original_spacing: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> tuple[float, float, float]:
@@ -529,8 +524,8 @@ def score_patients(
             PatientScore(
                 patient=patient,
                 slices=len(own),
-                dice=_dice(overlap, pred_pixels, label_pixels + dropped + unseen),
-                dice_kept_slices=_dice(overlap, pred_pixels, label_pixels),
+                dice=dice_from_counts(overlap, pred_pixels, label_pixels + dropped + unseen),
+                dice_kept_slices=dice_from_counts(overlap, pred_pixels, label_pixels),
                 hd95=patient_hd95(pred, label, spacing),
                 label_pixels=label_pixels,
                 pred_pixels=pred_pixels,

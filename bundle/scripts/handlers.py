@@ -172,15 +172,15 @@ class GradientConflict:
             return
         brats = torch.cat([g.flatten() for g in self._brats])
         kaggle = torch.cat([_grad(p).flatten() for p in self.parameters]) - brats
-        dot, norms = torch.dot(kaggle, brats), brats.norm() * kaggle.norm()
-        self._cosines.append(float(dot / norms) if norms > 0 else 0.0)
-        self._ratios.append(float(kaggle.norm() / brats.norm()) if brats.norm() > 0 else math.inf)
+        dot, brats_norm, kaggle_norm = float(torch.dot(kaggle, brats)), float(brats.norm()), float(kaggle.norm())
+        self._cosines.append(dot / (brats_norm * kaggle_norm) if brats_norm * kaggle_norm > 0 else 0.0)
+        self._ratios.append(kaggle_norm / brats_norm if brats_norm > 0 else math.inf)
         changed = False
         if self.project and dot < 0:
-            kaggle -= dot / brats.pow(2).sum() * brats
-            changed = True
-        if self.max_ratio is not None and kaggle.norm() > self.max_ratio * brats.norm():
-            kaggle *= self.max_ratio * brats.norm() / kaggle.norm()
+            kaggle -= dot / brats_norm**2 * brats
+            kaggle_norm, changed = float(kaggle.norm()), True
+        if self.max_ratio is not None and kaggle_norm > self.max_ratio * brats_norm:
+            kaggle *= self.max_ratio * brats_norm / kaggle_norm
             changed = True
         if changed:
             offset = 0

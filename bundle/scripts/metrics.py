@@ -15,6 +15,12 @@ from ignite.metrics import Metric, MetricsLambda
 from monai.metrics import compute_dice, compute_roc_auc
 
 
+def dice_from_counts(overlap: float, predicted: float, labelled: float) -> float:
+    """Dice from pixel counts; 1 when both masks are empty (a correct "no tumour here")."""
+    total = predicted + labelled
+    return 1.0 if total == 0 else 2.0 * overlap / total
+
+
 class _StepOutputMetric(Metric):
     """A metric fed the evaluator's whole output dict (ignite only passes mappings through under fixed keys)."""
 
@@ -70,7 +76,7 @@ class PatientDice(_StepOutputMetric):
     def compute(self) -> float:
         if not self._counts:
             return math.nan
-        dice = [1.0 if p + t == 0 else 2.0 * o / (p + t) for o, p, t in self._counts.values()]
+        dice = [dice_from_counts(*counts) for counts in self._counts.values()]
         return sum(dice) / len(dice)
 
 
