@@ -232,3 +232,16 @@ def test_the_kaggle_gradient_can_be_capped_at_a_share_of_the_brats_gradients_nor
     )
     trainer.run()
     torch.testing.assert_close(updates[0], g_b + 0.5 * g_k, rtol=1e-4, atol=1e-6)
+
+
+def test_the_gradient_options_take_command_line_text_and_refuse_nonsense() -> None:
+    from scripts.errors import UsageError
+    from scripts.handlers import GradientConflict
+
+    model = create_multi_task_model(base_filters=4, depth=2, num_domains=2)
+    assert GradientConflict(model, {"project_conflicts": "false"}).project is False  # bool("false") would be True
+    assert GradientConflict(model, {"project_conflicts": "true", "max_kaggle_grad_ratio": "0.5"}).max_ratio == 0.5
+    with pytest.raises(UsageError, match="project_conflicts must be true or false, got 'maybe'"):
+        GradientConflict(model, {"project_conflicts": "maybe"})
+    with pytest.raises(UsageError, match="max_kaggle_grad_ratio must be a number or null, got 'half'"):
+        GradientConflict(model, {"max_kaggle_grad_ratio": "half"})

@@ -12,6 +12,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .engines import estimate_domain_statistics
+from .errors import UsageError
+from .flags import as_bool
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
@@ -143,9 +145,14 @@ class GradientConflict:
 
     def __init__(self, network: nn.Module, stage: dict[str, Any], every: int = 1) -> None:
         self.parameters = [p for p in network.encoder.parameters() if p.requires_grad]
-        self.project, self.every = bool(stage.get("project_conflicts", False)), int(every)
+        # From the command line "false" arrives as text, which bool() would take as true.
+        self.project = as_bool(stage.get("project_conflicts", False), "stages#3#project_conflicts")
+        self.every = int(every)
         ratio = stage.get("max_kaggle_grad_ratio")
-        self.max_ratio = None if ratio is None else float(ratio)
+        try:
+            self.max_ratio = None if ratio is None else float(ratio)
+        except ValueError:
+            raise UsageError(f"stages#3#max_kaggle_grad_ratio must be a number or null, got {ratio!r}.") from None
         self._brats: list[torch.Tensor] | None = None
         self._cosines: list[float] = []
         self._ratios: list[float] = []
