@@ -23,8 +23,20 @@ def _batch(source: str, probs: list[float], targets: list[int], dice_perfect: bo
     return out
 
 
+def _evaluator_output(flat: dict) -> dict:
+    """What MONAI's SupervisedEvaluator holds after a batch whose probabilities and targets are ``flat``: the
+    network's logits by task under ``pred``, MultiTaskBatch's targets and sample keys under ``label``."""
+    logits, targets = {}, {key: value for key, value in flat.items() if key not in ("seg_prob", "cls_prob")}
+    if "seg_prob" in flat:
+        logits["seg"] = torch.logit(flat["seg_prob"])
+        targets["seg"] = targets.pop("label")
+    if "cls_prob" in flat:
+        logits["cls"] = torch.stack([torch.zeros(len(flat["cls_prob"])), torch.logit(flat["cls_prob"])], dim=1)
+    return {"image": None, "label": targets, "pred": logits}
+
+
 def _run(tasks: list[str], batches: list[dict]) -> dict[str, float]:
-    engine = Engine(lambda engine, batch: batch)
+    engine = Engine(lambda engine, batch: _evaluator_output(batch))
     for name, metric in validation_metrics(tasks).items():
         metric.attach(engine, name)
     return engine.run(batches, max_epochs=1).metrics

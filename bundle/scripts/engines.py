@@ -4,7 +4,9 @@ A batch says what it can be trained on: a BraTS batch carries a ``label`` mask (
 a Kaggle batch only ``cls``. The network runs the tasks that are both enabled for the stage and labelled in the
 batch, so a classification-only batch never runs the decoder. Training is MONAI's own ``SupervisedTrainer`` step:
 :class:`MultiTaskBatch` is its ``prepare_batch`` and :class:`scripts.losses.MultiTaskLoss` its loss; the trainer's
-``accumulation_steps`` makes one optimizer step of a BraTS batch and the Kaggle batches that follow it.
+``accumulation_steps`` makes one optimizer step of a BraTS batch and the Kaggle batches that follow it. Validation
+is MONAI's ``SupervisedEvaluator`` with the same ``prepare_batch``; :func:`scripts.metrics.task_probabilities` turns
+its output into probabilities for the metrics.
 """
 
 from __future__ import annotations
@@ -18,9 +20,6 @@ from monai.engines.utils import PrepareBatch
 from torch import nn
 
 from .networks.normalization import DOMAINS, DomainBatchNorm2d
-
-# Metadata that travels with a batch into the evaluator's output, for per-patient evaluation.
-PASSTHROUGH_KEYS = ("source", "patient", "slice", "group", "cls4")
 
 
 def batch_domain(batch: Mapping[str, Any]) -> int:
@@ -75,12 +74,18 @@ def batch_targets(batch: Mapping[str, Any], tasks: Sequence[str], device: torch.
     return targets
 
 
-class MultiTaskBatch(PrepareBatch):
-    """``prepare_batch`` of MONAI's ``SupervisedTrainer``: a one-source batch as the network's input, the targets of
-    the stage's tasks it is labelled for, and the network's keyword arguments (tasks to run, image domain).
+# What a batch says about its samples; it rides along with the targets into the engines' output, where the
+# per-patient and per-source metrics read it.
+SAMPLE_KEYS = ("source", "patient", "slice", "group", "cls4")
 
-    The trainer then calls ``network(images, do_seg=..., do_cls=..., domain=...)`` through its inferer and
-    ``loss_function(outputs, targets)``.
+
+class MultiTaskBatch(PrepareBatch):
+    """``prepare_batch`` of MONAI's ``SupervisedTrainer`` and ``SupervisedEvaluator``: a one-source batch as the
+    network's input, the targets of the stage's tasks it is labelled for (with the batch's ``SAMPLE_KEYS``), and
+    the network's keyword arguments (tasks to run, image domain).
+
+    The engine then calls ``network(images, do_seg=..., do_cls=..., domain=...)`` through its inferer, and the
+    trainer ``loss_function(outputs, targets)``.
 
     Args:
         tasks: the tasks this stage trains ("seg", "cls").
@@ -95,14 +100,15 @@ class MultiTaskBatch(PrepareBatch):
     def __call__(
         self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
         **kwargs: Any,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple, dict[str, Any]]:  # fmt: skip
+    ) -> tuple[torch.Tensor, dict[str, Any], tuple, dict[str, Any]]:  # fmt: skip
         device = torch.device("cpu") if device is None else torch.device(device)
-        targets = batch_targets(batchdata, self.tasks, device)
+        targets: dict[str, Any] = batch_targets(batchdata, self.tasks, device)
         if not targets:
             raise ValueError(
                 f"A batch from '{batchdata.get('source')}' has no target for the stage's tasks {self.tasks}."
             )
         options = {"do_seg": "seg" in targets, "do_cls": "cls" in targets, "domain": batch_domain(batchdata)}
+        targets.update({key: batchdata[key] for key in SAMPLE_KEYS if key in batchdata})
         # The training cache holds float16 slices; cast on the device (half the bytes to copy to a GPU).
         images = plain_tensor(batchdata["image"], device).float()
         if self.augmentation is not None:
@@ -111,49 +117,6 @@ class MultiTaskBatch(PrepareBatch):
             if mask is not None:
                 targets["seg"] = mask
         return images, targets, (), options
-
-
-def _autocast(engine: Any, device: torch.device) -> torch.autocast:
-    kwargs = dict(getattr(engine, "amp_kwargs", None) or {})
-    kwargs.setdefault("dtype", torch.float16 if device.type == "cuda" else torch.bfloat16)
-    return torch.autocast(device.type, enabled=bool(getattr(engine, "amp", False)), **kwargs)
-
-
-class MultiTaskEvalStep:
-    """``iteration_update`` for :class:`monai.engines.SupervisedEvaluator`: probabilities for the enabled tasks.
-
-    The output holds ``seg_prob`` (sigmoid, (B, 1, H, W)) and ``label`` for segmentation, ``cls_prob`` (softmax
-    probability of "tumour", (B,)) and ``cls`` for classification, and the batch's metadata (source, patient,
-    slice, group, cls4) for per-patient evaluation.
-
-    Args:
-        tasks: the tasks to evaluate ("seg", "cls").
-        segment_unlabelled: also segment batches without a mask (inference); by default only batches with a
-            ``label`` are segmented, so Kaggle images in a validation pass skip the decoder.
-    """
-
-    def __init__(self, tasks: Sequence[str] = ("seg", "cls"), segment_unlabelled: bool = False) -> None:
-        self.tasks = tuple(tasks)
-        self.segment_unlabelled = segment_unlabelled
-
-    def __call__(self, engine: Any, batch: Mapping[str, Any]) -> dict[str, Any]:
-        device = engine.state.device
-        images, targets = plain_tensor(batch["image"], device), batch_targets(batch, self.tasks, device)
-        do_seg = "seg" in targets or ("seg" in self.tasks and self.segment_unlabelled)
-        do_cls = "cls" in self.tasks
-        engine.network.eval()
-        with torch.inference_mode(), _autocast(engine, device):
-            outputs = engine.inferer(images, engine.network, do_seg=do_seg, do_cls=do_cls, domain=batch_domain(batch))
-        result: dict[str, Any] = {key: batch[key] for key in PASSTHROUGH_KEYS if key in batch}
-        if do_seg:
-            result["seg_prob"] = torch.sigmoid(outputs["seg"].float())
-            if "seg" in targets:
-                result["label"] = targets["seg"]
-        if do_cls:
-            result["cls_prob"] = torch.softmax(outputs["cls"].float(), dim=1)[:, 1]
-            if "cls" in targets:
-                result["cls"] = targets["cls"]
-        return result
 
 
 def estimate_domain_statistics(network: nn.Module, loader: Any, source: str = "kaggle") -> nn.Module:

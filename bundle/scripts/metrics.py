@@ -1,4 +1,4 @@
-"""Validation metrics for the training stages, as ignite metrics over :class:`MultiTaskEvalStep` outputs.
+"""Validation metrics for the training stages, as ignite metrics over the output of MONAI's ``SupervisedEvaluator``.
 
 Each metric reads only the batches that carry its task's outputs, so BraTS and Kaggle batches can share one
 validation pass. The thorough test-split evaluation (per-patient 3D Dice, HD95, ...) is in ``evaluation.py``.
@@ -7,12 +7,13 @@ validation pass. The thorough test-split evaluation (per-patient 3D Dice, HD95, 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from ignite.metrics import Metric, MetricsLambda
 from monai.metrics import compute_dice, compute_roc_auc
+from monai.utils import CommonKeys
 
 
 def dice_from_counts(overlap: float, predicted: float, labelled: float) -> float:
@@ -21,11 +22,34 @@ def dice_from_counts(overlap: float, predicted: float, labelled: float) -> float
     return 1.0 if total == 0 else 2.0 * overlap / total
 
 
+def task_probabilities(output: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluator's output as probabilities and targets, flat, for the metrics and the evaluation.
+
+    ``output`` is what MONAI's ``SupervisedEvaluator`` holds after a batch: ``pred``, the network's logits by task,
+    and ``label``, the targets and sample keys that :class:`scripts.engines.MultiTaskBatch` made of the batch. The
+    result has ``seg_prob`` (sigmoid, (B, 1, H, W)) and ``label`` (the mask) for segmentation, ``cls_prob`` (the
+    softmax probability of "tumour", (B,)) and ``cls`` for classification, and the sample keys (source, patient,
+    slice, ...); a task the batch did not run is absent.
+    """
+    logits, targets = output[CommonKeys.PRED], output[CommonKeys.LABEL]
+    result = {key: value for key, value in targets.items() if key not in ("seg", "cls")}
+    if "seg" in logits:
+        result["seg_prob"] = torch.sigmoid(logits["seg"].float())
+        if "seg" in targets:
+            result["label"] = targets["seg"]
+    if "cls" in logits:
+        result["cls_prob"] = torch.softmax(logits["cls"].float(), dim=1)[:, 1]
+        if "cls" in targets:
+            result["cls"] = targets["cls"]
+    return result
+
+
 class _StepOutputMetric(Metric):
-    """A metric fed the evaluator's whole output dict (ignite only passes mappings through under fixed keys)."""
+    """A metric fed the evaluator's whole output, as :func:`task_probabilities` (ignite only passes mappings through
+    under fixed keys)."""
 
     def iteration_completed(self, engine: Any) -> None:
-        self.update(self._output_transform(engine.state.output))
+        self.update(task_probabilities(engine.state.output))
 
 
 class SliceDice(_StepOutputMetric):
