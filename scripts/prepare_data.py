@@ -28,15 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The bundle's package is `scripts.*` with bundle/ on sys.path, as MONAI's bundle runner sets it up.
+# The bundle's package is `scripts.*` with bundle/ on sys.path, as MONAI's bundle runner sets it up; the
+# preparation's own modules (dataset_splits, kaggle_duplicates) are beside this script.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "bundle") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "bundle"))
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.append(str(Path(__file__).resolve().parent))
 
+import dataset_splits  # noqa: E402
+import kaggle_duplicates  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from scripts.data import OPTIONS_FILE, PRESET_SIZES, duplicates, images, splits  # noqa: E402
+from scripts.data import OPTIONS_FILE, PRESET_SIZES, images  # noqa: E402
 from scripts.data.volumes import MODALITIES, DataError, VolumeCase, check_case, detect_layout, find_cases  # noqa: E402
 from scripts.data.volumes import load_case as load_volume_case  # noqa: E402
 from scripts.files import file_sha256  # noqa: E402
@@ -44,7 +49,7 @@ from scripts.files import file_sha256  # noqa: E402
 # Bumped whenever the preprocessing changes what is written, so an older prepared folder is rebuilt, not reused.
 # 2: BraTS split by subject (all timepoints of a BraTS 2023+ subject in one split); "subject" recorded per case.
 PREPARE_VERSION = 2
-DATALIST_KEYS = tuple(f"{source}_{split}" for source in ("brats", "kaggle") for split in splits.SPLITS)
+DATALIST_KEYS = tuple(f"{source}_{split}" for source in ("brats", "kaggle") for split in dataset_splits.SPLITS)
 SUMMARY_FILE, DATALIST_FILE, PATIENTS_FILE = "summary.json", "datalist.json", "patients.json"
 # Audit file (not read by the bundle): every duplicate group with its members and where each one went.
 DUPLICATES_FILE = "duplicates.json"
@@ -138,26 +143,26 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         "--split",
         type=float,
         nargs=3,
-        default=list(splits.DEFAULT_FRACTIONS),
+        default=list(dataset_splits.DEFAULT_FRACTIONS),
         metavar=("TRAIN", "VAL", "TEST"),
         help="BraTS shares of subjects (every timepoint of a subject goes to the same split)",
     )
     parser.add_argument(
         "--kaggle-val-fraction",
         type=float,
-        default=splits.DEFAULT_KAGGLE_VAL_FRACTION,
+        default=dataset_splits.DEFAULT_KAGGLE_VAL_FRACTION,
         help="share of Training-only duplicate groups (per class) moved to validation",
     )
     parser.add_argument(
         "--near-duplicate-distance",
         type=int,
-        default=duplicates.DEFAULT_NEAR_DISTANCE,
+        default=kaggle_duplicates.DEFAULT_NEAR_DISTANCE,
         help="largest pHash Hamming distance (of 64 bits) making two images near-duplicate candidates; -1: off",
     )
     parser.add_argument(
         "--near-duplicate-correlation",
         type=float,
-        default=duplicates.DEFAULT_MIN_CORRELATION,
+        default=kaggle_duplicates.DEFAULT_MIN_CORRELATION,
         help="correlation of 64x64 thumbnails a candidate pair needs to count as near duplicates (-1: any)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits")
@@ -172,7 +177,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
     if not modalities or unknown or len(set(modalities)) != len(modalities):
         parser.error(f"--modalities must be distinct names from {','.join(MODALITIES)}; got {args.modalities!r}")
     try:
-        fractions = splits.check_fractions(args.split)
+        fractions = dataset_splits.check_fractions(args.split)
     except ValueError as error:
         parser.error(f"--split: {error}")
     checks = [
@@ -465,13 +470,13 @@ def prepare_brats(
         raise PreflightError(errors)
     timings["brats_s"] = time.perf_counter() - started
     timings["brats_per_case_s"] = timings["brats_s"] / max(1, len(tasks))
-    split_of = splits.split_cases([r["case_id"] for r in results], options.split, options.seed)
-    lists: dict[str, list] = {f"brats_{split}": [] for split in splits.SPLITS}
+    split_of = dataset_splits.split_cases([r["case_id"] for r in results], options.split, options.seed)
+    lists: dict[str, list] = {f"brats_{split}": [] for split in dataset_splits.SPLITS}
     patients: dict[str, Any] = {}
     for result in sorted(results, key=lambda r: r["case_id"]):
         case_id, split = result["case_id"], split_of[result["case_id"]]
         # Recorded with every slice, so that later groupings (folds) can keep a subject's timepoints together too.
-        subject = splits.subject_of(case_id)
+        subject = dataset_splits.subject_of(case_id)
         for record in sorted(result["slices"], key=lambda r: r["z"]):
             stem = f"brats/{case_id}/z{record['z']:03d}"
             lists[f"brats_{split}"].append(
@@ -501,7 +506,7 @@ def prepare_brats(
 
 def _brats_summary(plan: Plan, lists: dict[str, list], patients: dict[str, Any]) -> dict[str, Any]:
     per_split = {}
-    for split in splits.SPLITS:
+    for split in dataset_splits.SPLITS:
         entries = lists[f"brats_{split}"]
         tumour = sum(entry["cls"] for entry in entries)
         per_split[split] = {
@@ -550,7 +555,7 @@ def prepare_image(task: ImageTask) -> dict[str, Any] | str:
     task.target.parent.mkdir(parents=True, exist_ok=True)
     np.save(task.target, array.astype(np.float16))
     return {
-        "hashes": duplicates.image_hashes(grey, file_sha256(task.source), images.pixels_sha256(grey)),
+        "hashes": kaggle_duplicates.image_hashes(grey, file_sha256(task.source), images.pixels_sha256(grey)),
         "shape": list(grey.shape),
         "storage": storage,
         "blank": blank,
@@ -573,16 +578,18 @@ def prepare_kaggle(options: Options, scan: images.KaggleScan, partial: Path, tim
 
     started = time.perf_counter()
     hashes = [result["hashes"] for result in results]
-    groups = duplicates.group_duplicates(hashes, options.near_duplicate_distance, options.near_duplicate_correlation)
+    groups = kaggle_duplicates.group_duplicates(
+        hashes, options.near_duplicate_distance, options.near_duplicate_correlation
+    )
     timings["duplicates_s"] = time.perf_counter() - started
     group_ids = [f"k{label:05d}" for label in groups.labels]
     items = [
-        splits.KaggleItem(image.original, image.folder, image.cls4, group)
+        dataset_splits.KaggleItem(image.original, image.folder, image.cls4, group)
         for image, group in zip(scan.images, group_ids, strict=True)
     ]
-    assignments = splits.split_kaggle(items, options.kaggle_val_fraction, options.seed)
+    assignments = dataset_splits.split_kaggle(items, options.kaggle_val_fraction, options.seed)
 
-    lists: dict[str, list] = {f"kaggle_{split}": [] for split in splits.SPLITS}
+    lists: dict[str, list] = {f"kaggle_{split}": [] for split in dataset_splits.SPLITS}
     for image, group in zip(scan.images, group_ids, strict=True):
         assignment = assignments[image.original]
         if not assignment.kept:
@@ -605,9 +612,9 @@ def prepare_kaggle(options: Options, scan: images.KaggleScan, partial: Path, tim
 
 def _duplicate_records(
     scan: images.KaggleScan,
-    groups: duplicates.DuplicateGroups,
+    groups: kaggle_duplicates.DuplicateGroups,
     group_ids: list[str],
-    assignments: dict[str, splits.KaggleAssignment],
+    assignments: dict[str, dataset_splits.KaggleAssignment],
 ) -> dict[str, Any]:
     """duplicates.json: each group of two or more images, its kind, its split and what happened to each copy."""
     records: dict[str, Any] = {}
@@ -630,9 +637,9 @@ def _duplicate_records(
 def _kaggle_summary(
     scan: images.KaggleScan,
     results: list[dict[str, Any]],
-    groups: duplicates.DuplicateGroups,
+    groups: kaggle_duplicates.DuplicateGroups,
     group_ids: list[str],
-    assignments: dict[str, splits.KaggleAssignment],
+    assignments: dict[str, dataset_splits.KaggleAssignment],
     lists: dict[str, list],
     options: Options,
 ) -> dict[str, Any]:
@@ -648,10 +655,10 @@ def _kaggle_summary(
     sizes = groups.sizes()
     phashes = np.array([r["hashes"].phash for r in results], dtype=np.uint64)
     histogram_limit = max(8, options.near_duplicate_distance + 4)
-    close = duplicates.near_pairs(phashes, histogram_limit)
-    histogram = np.bincount(duplicates.hamming_distances(phashes, close), minlength=histogram_limit + 1)
+    close = kaggle_duplicates.near_pairs(phashes, histogram_limit)
+    histogram = np.bincount(kaggle_duplicates.hamming_distances(phashes, close), minlength=histogram_limit + 1)
     per_split = {}
-    for split in splits.SPLITS:
+    for split in dataset_splits.SPLITS:
         entries = lists[f"kaggle_{split}"]
         per_split[split] = {
             "images": len(entries),
@@ -705,8 +712,8 @@ def check_no_leakage(datalist: dict[str, list]) -> None:
         ("brats", "subject", "subject"),
         ("kaggle", "group", "duplicate group"),
     ):
-        splits.check_disjoint(
-            {split: [entry[key] for entry in datalist[f"{source}_{split}"]] for split in splits.SPLITS}, what
+        dataset_splits.check_disjoint(
+            {split: [entry[key] for entry in datalist[f"{source}_{split}"]] for split in dataset_splits.SPLITS}, what
         )
 
 
@@ -861,7 +868,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreflightError as error:
         _report_problems(error.lines)
         return 2
-    except (DataError, splits.LeakageError, OSError) as error:
+    except (DataError, dataset_splits.LeakageError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -21,6 +21,9 @@ BUNDLE_ROOT = REPO_ROOT / "bundle"
 # As `python -m monai.bundle run` does: the bundle root on sys.path makes its package importable as `scripts`.
 if str(BUNDLE_ROOT) not in sys.path:
     sys.path.insert(0, str(BUNDLE_ROOT))
+# The data preparation's own modules (dataset_splits, kaggle_duplicates), beside scripts/prepare_data.py.
+if str(REPO_ROOT / "scripts") not in sys.path:
+    sys.path.append(str(REPO_ROOT / "scripts"))
 
 # Tiny settings that let a real bundle run finish in seconds on 2 CPU cores.
 TINY_SIZE = 32

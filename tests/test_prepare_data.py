@@ -373,7 +373,9 @@ def longitudinal(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     added = [add_timepoint(brats, first, 1), add_timepoint(brats, first, 2), add_timepoint(brats, third, 1)]
     cases = sorted(path.name for path in brats.iterdir())
     subjects = subjects_of(cases)
-    seed = next(seed for seed in range(100) if torn_subjects(cli.splits.split_patients(cases, seed=seed), subjects))
+    seed = next(
+        seed for seed in range(100) if torn_subjects(cli.dataset_splits.split_patients(cases, seed=seed), subjects)
+    )
     out = root / "prepared"
     result = run_cli("--brats", str(brats), "--out", str(out), "--size", "32", "--workers", "2", "--seed", str(seed))
     assert result.returncode == 0, result.stderr
@@ -395,7 +397,7 @@ def test_every_timepoint_of_a_subject_lands_in_one_split(longitudinal: dict[str,
     assert len(cases) == 9 and sorted(len(group) for group in subjects.values()) == [1, 1, 1, 1, 2, 3]
     assert set(longitudinal["added"]) <= set(patients)
     # Case by case, this seed would have torn a subject apart.
-    assert torn_subjects(cli.splits.split_patients(cases, seed=longitudinal["seed"]), subjects)
+    assert torn_subjects(cli.dataset_splits.split_patients(cases, seed=longitudinal["seed"]), subjects)
 
     assert sorted(patients) == cases
     assert torn_subjects({case: record["split"] for case, record in patients.items()}, subjects) == []
@@ -434,7 +436,7 @@ def test_the_leakage_check_is_keyed_by_subject(longitudinal: dict[str, Any]) -> 
     moved = [entry for entry in datalist[f"brats_{split}"] if entry["patient"] == case]
     datalist[f"brats_{split}"] = [entry for entry in datalist[f"brats_{split}"] if entry["patient"] != case]
     datalist[f"brats_{other}"] += moved
-    with pytest.raises(cli.splits.LeakageError, match=f"subject {subject} in "):
+    with pytest.raises(cli.dataset_splits.LeakageError, match=f"subject {subject} in "):
         cli.check_no_leakage(datalist)
 
 
