@@ -17,12 +17,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from compare_outputs import compare_outputs
 from conftest import REPO_ROOT, TINY_SIZE
 from test_export import INFERENCE, METADATA, TINY_NETWORK, TinyModel, run_tool, tiny_model
 from test_fast_inference import padded_volume
 
 from scripts.data.lesions import remove_small_lesions
-from scripts.inference.compare import compare_outputs
 from scripts.inference.inputs import find_inputs
 from scripts.inference.predict import brain_box, prepare
 from scripts.inference.settings import make_settings

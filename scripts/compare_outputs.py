@@ -1,8 +1,9 @@
+#!/usr/bin/env python
 """Check two inference output folders against each other and against their inputs.
 
 For the bundle command and the MONAI Deploy application run on the same inputs::
 
-    PYTHONPATH=bundle python -m scripts.inference.compare bundle/eval/inference bundle/eval/deploy
+    python scripts/compare_outputs.py bundle/eval/inference bundle/eval/deploy
 
 Every volume mask must have exactly the shape and affine of the file named by its JSON's ``grid_file`` (so that it
 overlays the input in 3D Slicer or ITK-SNAP), both folders must hold the same outputs, and masks and per-volume
@@ -21,7 +22,12 @@ import nibabel as nib
 import numpy as np
 from PIL import Image
 
-from .names import REPORT_SUFFIX
+# The bundle's package is `scripts.*` with bundle/ on sys.path, as MONAI's bundle runner sets it up.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT / "bundle") not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT / "bundle"))
+
+from scripts.inference.names import REPORT_SUFFIX  # noqa: E402
 
 __all__ = ["compare_outputs", "main"]
 
