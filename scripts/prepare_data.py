@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The bundle's package is `scripts.*` with bundle/ on sys.path, as MONAI's bundle runner sets it up; the
-# preparation's own modules (dataset_splits, kaggle_duplicates) are beside this script.
+# The bundle's package is `scripts.*` with bundle/ on sys.path, as MONAI's bundle runner sets it up. The
+# preparation's own modules (dataset_splits, kaggle_duplicates) are beside this script, on sys.path as its folder.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "bundle") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "bundle"))
-if str(Path(__file__).resolve().parent) not in sys.path:
-    sys.path.append(str(Path(__file__).resolve().parent))
 
 import dataset_splits  # noqa: E402
 import kaggle_duplicates  # noqa: E402

@@ -22,16 +22,25 @@ def dice_from_counts(overlap: float, predicted: float, labelled: float) -> float
     return 1.0 if total == 0 else 2.0 * overlap / total
 
 
-def task_probabilities(output: Mapping[str, Any]) -> dict[str, Any]:
+_PROBABILITIES = "probabilities"
+
+
+def task_probabilities(output: dict[str, Any]) -> dict[str, Any]:
     """An evaluator's output as probabilities and targets, flat, for the metrics and the evaluation.
 
     ``output`` is what MONAI's ``SupervisedEvaluator`` holds after a batch: ``pred``, the network's logits by task,
     and ``label``, the targets and sample keys that :class:`scripts.engines.MultiTaskBatch` made of the batch. The
     result has ``seg_prob`` (sigmoid, (B, 1, H, W)) and ``label`` (the mask) for segmentation, ``cls_prob`` (the
     softmax probability of "tumour", (B,)) and ``cls`` for classification, and the sample keys (source, patient,
-    slice, ...); a task the batch did not run is absent.
+    slice, ...); a task the batch did not run is absent. Computed once per batch and kept in ``output`` under
+    ``probabilities``: every validation metric and the evaluation's collector read the same batch.
     """
-    logits, targets = output[CommonKeys.PRED], output[CommonKeys.LABEL]
+    if _PROBABILITIES not in output:
+        output[_PROBABILITIES] = _probabilities(output[CommonKeys.PRED], output[CommonKeys.LABEL])
+    return output[_PROBABILITIES]
+
+
+def _probabilities(logits: Mapping[str, Any], targets: Mapping[str, Any]) -> dict[str, Any]:
     result = {key: value for key, value in targets.items() if key not in ("seg", "cls")}
     if "seg" in logits:
         result["seg_prob"] = torch.sigmoid(logits["seg"].float())
