@@ -374,6 +374,16 @@ def fast_path_figures(raw: dict[str, Any], volume_s: dict[str, float]) -> dict[s
         "fast_volume_s": volume_s["fast"],
         "eager_fp32_volume_s": volume_s["eager"],
         "fast_volume_s_over_eager_fp32_volume_s": ratio(volume_s["fast"], volume_s["eager"]),
+        "fast_int8": raw["fast_int8"],
+        # The fast path without int8 (`int8_inference: false`), when the fast path ran int8.
+        **(
+            {
+                "fast_float32_volume_s": volume_s["fast_float32"],
+                "fast_float32_volume_s_over_eager_fp32_volume_s": ratio(volume_s["fast_float32"], volume_s["eager"]),
+            }
+            if "fast_float32" in volume_s
+            else {}
+        ),
         "fast_vs_eager_fp32_mask_dice": raw["fast_vs_eager_fp32_mask_dice"],
         "weights": raw["weights"],
         "fast_vs_eager_fp32_max_tumour_probability_diff": raw["fast_vs_eager_fp32_max_tumour_probability_diff"],

@@ -558,7 +558,7 @@ def agreement(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
 def measure_inference(spec: Spec) -> dict[str, Any]:
     """Latency per slice (batch of one) and per volume (read, slice batches through the network, mask back on the
     volume's grid), for every back-end, with their outputs compared against the eager network's; and the fast path
-    (``predict.run_network`` with ``crop_to_brain``, the network in ``predict.fast_layout``) per volume against
+    (``predict.run_network`` with ``fast``, the network in ``predict.fast_layout``) per volume against
     plain fp32 eager over whole slices, with the Dice between their masks."""
     network, settings = eager_network(spec)
     device = next(network.parameters()).device
@@ -570,8 +570,10 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
     backends = inference_backends(network, stack[: settings.slice_batch_size].to(device), spec, notes)
     fast = fast_path_network(network, settings)
 
-    def run(backend: Callable, crop_to_brain: bool = False) -> dict[str, torch.Tensor]:
-        return predict.run_network(backend, prepared.image, settings.slice_batch_size, 0, crop_to_brain)
+    def run(backend: Callable, fast: bool = False, int8: bool = False) -> dict[str, torch.Tensor]:
+        return predict.run_network(backend, prepared.image, settings.slice_batch_size, 0, fast, int8)
+
+    int8 = settings.int8_inference
 
     # Every batch shape a volume gives (full batches, the last one's remainder, one slice) is run twice before the
     # clock starts: the first calls of a shape allocate, and TorchScript profiles and then specialises its graph.
@@ -583,7 +585,7 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
         for backend in backends.values():
             for batch in shapes + shapes:
                 backend(batch)
-        run(fast, crop_to_brain=True)  # the fast path's shapes depend on the volume's brain box: a whole volume
+        run(fast, fast=True, int8=int8)  # the fast path's shapes depend on the volume's brain box: a whole volume
         slice_rounds = interleaved(
             {name: (lambda b=backend: slice_latency(b, one_slice, device)) for name, backend in backends.items()},
             spec.slice_rounds,
@@ -595,13 +597,16 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
             return seconds
 
         contenders = {name: (lambda b=backend: run(b)) for name, backend in backends.items()}
-        contenders["fast"] = lambda: run(fast, crop_to_brain=True)
+        contenders["fast"] = lambda: run(fast, fast=True, int8=int8)
+        if int8:  # the fast path's float32 variant (`int8_inference: false`), for the record
+            contenders["fast_float32"] = lambda: run(fast, fast=True)
         network_rounds = interleaved(
             {name: (lambda n=name, c=call: timed_volume(n, c)) for name, call in contenders.items()},
             spec.volume_rounds,
         )
     finish_s, _ = timed(lambda: predict.finish(prepared, outputs["eager"], settings))
     fast_outputs = outputs.pop("fast")
+    outputs.pop("fast_float32", None)  # timed only: the answers compared are the fast path's as it runs
     masks = {name: predict.finish(prepared, out, settings).mask for name, out in outputs.items()}
     fast_mask = predict.finish(prepared, fast_outputs, settings).mask
     return {
@@ -623,6 +628,7 @@ def measure_inference(spec: Spec) -> dict[str, Any]:
         },
         "weights": spec.checkpoint or "random",
         "fast_brain_box": box_shape(stack, network),
+        "fast_int8": int8,
         "fast_vs_eager_fp32_mask_dice": mask_dice(fast_mask, masks["eager"]),
         "fast_vs_eager_fp32_max_tumour_probability_diff": float(
             (tumour_probability(fast_outputs) - tumour_probability(outputs["eager"])).abs().max()

@@ -8,6 +8,7 @@ paste-back, the settings, the memory layout, and the bundle config passing the p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -34,8 +35,10 @@ from scripts.inference.predict import (
     run_network,
     size_divisor,
 )
+from scripts.inference.quantized import folded_unet, int8_available
 from scripts.inference.settings import make_settings, settings_from_config
 from scripts.networks import create_multi_task_model
+from scripts.networks.normalization import DomainBatchNorm2d
 
 FULL_SIZE = 256  # configs/full.yaml's image_size and depth; a small network, so that the test takes seconds
 FULL_SIZE_NETWORK = {"base_filters": 4, "depth": 4, "num_domains": 2}
@@ -44,6 +47,7 @@ WHOLE = make_settings(FULL_SIZE, 1, fast_inference=False)
 # Issue 15's "same answers".
 MIN_DICE = 0.99
 MAX_PROBABILITY_DIFFERENCE = 0.01
+MAX_INT8_SLICE_PROBABILITY_DIFFERENCE = 0.03
 PATCH = 64  # the segmentation is fitted on windows of the 256 px slices: the pixel scale of inference, less work
 
 
@@ -117,12 +121,16 @@ def _probabilities(report: dict[str, Any]) -> np.ndarray:
     return np.array([s["tumour_probability"] for s in report["slices"] if s["analysed"]])
 
 
+@pytest.mark.parametrize("int8", [True, False])
 def test_the_fast_path_gives_the_masks_and_probabilities_of_whole_slices(
-    fitted: torch.nn.Module, full_size_brats: Path
+    int8: bool, fitted: torch.nn.Module, full_size_brats: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    (item,) = find_inputs(full_size_brats, FAST)
+    settings = dataclasses.replace(FAST, int8_inference=int8)
+    quantised = _spy(monkeypatch, "quantize_for_volume")
+    (item,) = find_inputs(full_size_brats, settings)
     whole = predict(fitted, item, WHOLE)
-    fast = predict(fast_layout(copy.deepcopy(fitted), FAST), item, FAST)
+    fast = predict(fast_layout(copy.deepcopy(fitted), settings), item, settings)
+    assert len(quantised) == int8  # once per volume
     # What is compared is not trivial: a mask of a few percent of the voxels, slices on both sides of 0.5, and a
     # brain box well inside the slice.
     assert 0 < whole.mask.sum() < 0.05 * whole.mask.size
@@ -133,9 +141,12 @@ def test_the_fast_path_gives_the_masks_and_probabilities_of_whole_slices(
     assert _dice(fast.mask, whole.mask) >= MIN_DICE
     for key in ("max_tumour_probability", "mean_tumour_probability"):
         assert fast.report["volume"][key] == pytest.approx(whole.report["volume"][key], abs=MAX_PROBABILITY_DIFFERENCE)
-    assert np.abs(_probabilities(fast.report) - _probabilities(whole.report)).max() <= MAX_PROBABILITY_DIFFERENCE
+    # Slice by slice, int8 moves a probability by up to a few hundredths (0.014 at most here).
+    per_slice = MAX_INT8_SLICE_PROBABILITY_DIFFERENCE if int8 else MAX_PROBABILITY_DIFFERENCE
+    assert np.abs(_probabilities(fast.report) - _probabilities(whole.report)).max() <= per_slice
     assert fast.report["volume"]["predicted_class"] == whole.report["volume"]["predicted_class"]
     assert fast.report["preprocessing"]["fast_inference"] is True
+    assert fast.report["preprocessing"]["int8_inference"] is int8
     assert whole.report["preprocessing"]["fast_inference"] is False
 
 
@@ -168,7 +179,7 @@ def test_the_cropped_run_pastes_background_around_the_box_and_keeps_the_classifi
     stack = torch.zeros(5, 1, 32, 32)
     stack[:, :, 9:20, 12:23] = torch.randn(5, 1, 11, 11)
     whole = run_network(network, stack, 2, domain)
-    cropped = run_network(network, stack, 2, domain, crop_to_brain=True)
+    cropped = run_network(network, stack, 2, domain, fast=True)
     assert cropped["seg"].shape == whole["seg"].shape == (5, 1, 32, 32)
     # The encoder runs whole: the classification is the whole slice's.
     torch.testing.assert_close(cropped["cls"], whole["cls"], atol=1e-5, rtol=1e-5)
@@ -187,7 +198,7 @@ def test_a_network_that_cannot_be_cropped_runs_whole_slices() -> None:
         return network(x, *args)
 
     assert size_divisor(opaque) is None and size_divisor(network) == 8
-    torch.testing.assert_close(run_network(opaque, stack, 2, crop_to_brain=True), run_network(network, stack, 2))
+    torch.testing.assert_close(run_network(opaque, stack, 2, fast=True), run_network(network, stack, 2))
 
 
 def test_fast_inference_is_a_setting_on_by_default() -> None:
@@ -200,6 +211,9 @@ def test_fast_inference_is_a_setting_on_by_default() -> None:
     with pytest.raises(ValueError, match="fast_inference must be true or false"):
         make_settings(64, 1, fast_inference="sometimes")
     assert make_settings(64, 1).summary()["fast_inference"] is True
+    assert settings_from_config(base, "old model").int8_inference is True
+    assert make_settings(64, 1, int8_inference="false").int8_inference is False
+    assert make_settings(64, 1).summary()["int8_inference"] is True
 
 
 def _channels_last(network: torch.nn.Module) -> bool:
@@ -242,23 +256,28 @@ def model(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Ti
     return tiny_model(synthetic_small, tmp_path_factory)
 
 
-def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the batches decoded on a brain box."""
+def _spy(monkeypatch: pytest.MonkeyPatch, name: str = "_forward_decoding_box") -> list[int]:
+    """Count the calls of a function of scripts.inference.predict (by default: the batches decoded on a brain
+    box; ``quantize_for_volume``: the volumes run in int8)."""
     calls: list[int] = []
-    original: Callable = predict_module._forward_decoding_box
+    original: Callable = getattr(predict_module, name)
 
-    def counted(*args: Any) -> dict[str, torch.Tensor]:
+    def counted(*args: Any) -> Any:
         calls.append(1)
         return original(*args)
 
-    monkeypatch.setattr(predict_module, "_forward_decoding_box", counted)
+    monkeypatch.setattr(predict_module, name, counted)
     return calls
 
 
-@pytest.mark.parametrize("fast_inference", [True, False])
-@pytest.mark.parametrize("model_file", ["model.pt", "model.ts"])
+@pytest.mark.parametrize(
+    ("fast_inference", "int8_inference", "model_file"),
+    [(True, True, "model.pt"), (True, True, "model.ts"), (False, True, "model.pt"), (False, True, "model.ts"),
+     (True, False, "model.pt")],
+)  # fmt: skip
 def test_the_inference_config_runs_the_fast_path_unless_turned_off(
     fast_inference: bool,
+    int8_inference: bool,
     model_file: str,
     model: TinyModel,
     synthetic_small: Path,
@@ -270,6 +289,7 @@ def test_the_inference_config_runs_the_fast_path_unless_turned_off(
     inputs.mkdir()
     padded_volume(case.modality_files["flair"], inputs / "wide.nii.gz", margin=32)
     calls = _spy(monkeypatch)
+    quantised = _spy(monkeypatch, "quantize_for_volume")
     workflow = ConfigWorkflow(
         config_file=[str(BUNDLE_ROOT / "configs" / "inference.yaml"), str(model.preset)],
         workflow_type="infer",
@@ -279,13 +299,63 @@ def test_the_inference_config_runs_the_fast_path_unless_turned_off(
         ckpt_dir=str(model.ckpt_dir),
         model_file=str(model.ckpt_dir / model_file),
         fast_inference=fast_inference,
+        int8_inference=int8_inference,
     )
     workflow.initialize()
     workflow.run()
     network = workflow.parser.get_parsed_content("network")
     assert _channels_last(network) is fast_inference
     assert bool(calls) is fast_inference
+    assert len(quantised) == (fast_inference and int8_inference)  # one volume
     assert (tmp_path / "out" / "wide_pred_wt.nii.gz").is_file()
     # The volume does have a box to crop to at this size.
     (item,) = find_inputs(inputs, model.settings)
     assert brain_box(torch.from_numpy(prepare(item, model.settings).image), size_divisor(network)) is not None
+
+
+# ---- int8
+
+
+def test_the_folded_network_is_the_network_for_each_domain() -> None:
+    """What int8 quantises computes what the network does: BatchNorm of the domain folded into the convolutions,
+    the transposed convolution as a 1x1 convolution and pixel shuffle, the joined features as two convolutions."""
+    network = _tiny_random_network()
+    with torch.no_grad():  # statistics of domain 1 unlike domain 0's, so that folding the wrong ones shows
+        for layer in network.encoder.modules():
+            if isinstance(layer, DomainBatchNorm2d):
+                layer.running_mean[1] += 0.5
+                layer.running_var[1] *= 2.0
+    scripted = torch.jit.script(network)
+    x = torch.randn(3, 1, 32, 32)
+    for domain in (0, 1):
+        encoder, decoder = folded_unet(scripted, domain)  # a model.ts gives its weights as the eager network does
+        with torch.no_grad():
+            features, expected = encoder(x), network.features(x, domain)
+            for got, want in zip(features, expected, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(decoder(features), network.decoder(expected), atol=1e-5, rtol=1e-4)
+    other_domain, _ = folded_unet(network, 1)
+    with torch.no_grad():
+        assert not torch.allclose(other_domain(x)[0], network.features(x, 0)[0], atol=1e-3)
+
+
+def test_int8_runs_only_on_networks_with_batch_norm_on_a_cpu() -> None:
+    assert int8_available(_tiny_random_network())
+    assert not int8_available(create_multi_task_model(base_filters=4, depth=3, norm="instance").eval())
+    network = create_multi_task_model(base_filters=4, depth=3, norm="instance").eval()
+    stack = torch.zeros(2, 1, 32, 32)
+    stack[:, :, 9:20, 12:23] = torch.randn(2, 1, 11, 11)
+    # Asked for int8, a network that cannot be quantised runs the float fast path.
+    torch.testing.assert_close(
+        run_network(network, stack, 2, fast=True, int8=True), run_network(network, stack, 2, fast=True)
+    )
+
+
+def test_int8_is_the_same_for_the_eager_and_the_torchscript_network(fitted: torch.nn.Module) -> None:
+    stack = torch.zeros(6, 1, 64, 64)
+    stack[:, :, 8:56, 12:52] = torch.randn(6, 1, 48, 40)
+    eager = run_network(fitted, stack, 4, fast=True, int8=True)
+    scripted = run_network(torch.jit.script(copy.deepcopy(fitted)), stack, 4, fast=True, int8=True)
+    torch.testing.assert_close(scripted, eager)
+    # and not the float path's to the last bit: int8 did run
+    assert not torch.equal(eager["seg"], run_network(fitted, stack, 4, fast=True)["seg"])

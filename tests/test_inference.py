@@ -74,9 +74,10 @@ def _run(model: TinyModel, inputs: Path, output: Path, *extra: str, bundle: Path
 
 @pytest.fixture(scope="module")
 def outputs(model: TinyModel, inputs: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Outputs of the bundle command with models/model.pt."""
+    """Outputs of the bundle command with models/model.pt, in float32 (they are compared with the float network
+    called directly; int8's agreement is tests/test_fast_inference.py's)."""
     output = tmp_path_factory.mktemp("inference_outputs") / "out"
-    _run(model, inputs, output)
+    _run(model, inputs, output, "--int8_inference", "false")
     return output
 
 
@@ -210,7 +211,7 @@ def test_model_ts_alone_runs_without_the_training_code(model: TinyModel, inputs:
     for package in ("data", "inference"):
         shutil.copytree(BUNDLE_ROOT / "scripts" / package, bundle / "scripts" / package)
     output = tmp_path / "out"
-    _run(model, inputs, output, "--model_file", str(model.torchscript), bundle=bundle)
+    _run(model, inputs, output, "--model_file", str(model.torchscript), "--int8_inference", "false", bundle=bundle)
     assert sorted(p.name for p in output.iterdir()) == sorted(p.name for p in outputs.iterdir())
     for name in (CASE, PERMUTED):
         scripted, eager = _mask(output / f"{name}_pred_wt.nii.gz"), _mask(outputs / f"{name}_pred_wt.nii.gz")

@@ -56,12 +56,14 @@ class MultiTaskInferenceOperator(Operator):
         self.logger.info(
             f"loaded {self.model_file} ({metadata.get('name', 'no metadata')} {metadata.get('version', '')}) on "
             f"{self.device}; slices of {self.settings.image_size} px, channels {list(self.settings.modalities)}, "
-            f"fast inference {'on' if self.settings.fast_inference else 'off'}"
+            f"fast inference {'on' if self.settings.fast_inference else 'off'}, "
+            f"int8 {'on' if self.settings.fast_inference and self.settings.int8_inference else 'off'}"
         )
 
     def compute(self, op_input, op_output, context) -> None:
         prepared = op_input.receive("prepared")
-        outputs = self.predict(self.pre_process(prepared), domain=prepared.domain, crop_to_brain=prepared.crop_to_brain)
+        image = self.pre_process(prepared)
+        outputs = self.predict(image, domain=prepared.domain, fast=prepared.fast, int8=prepared.int8)
         op_output.emit(self.post_process(outputs, prepared), "prediction")
 
     def pre_process(self, data: PreparedVolume | PreparedImage, *args, **kwargs) -> torch.Tensor:
@@ -69,11 +71,12 @@ class MultiTaskInferenceOperator(Operator):
         return torch.from_numpy(data.image)
 
     def predict(
-        self, data: torch.Tensor, *args, domain: int = 0, crop_to_brain: bool = False, **kwargs
+        self, data: torch.Tensor, *args, domain: int = 0, fast: bool = False, int8: bool = False, **kwargs
     ) -> dict[str, torch.Tensor]:
         """Both outputs of the network, ``slice_batch_size`` slices per call, for the input's image domain, the
-        segmentation decoded on the brain box only where the input asks for it (``PreparedVolume.crop_to_brain``)."""
-        return run_network(self.network, data, self.settings.slice_batch_size, domain, crop_to_brain)
+        segmentation decoded on the brain box only (and in int8 on a CPU) where the input asks for it
+        (``PreparedVolume.fast`` and ``int8``)."""
+        return run_network(self.network, data, self.settings.slice_batch_size, domain, fast, int8)
 
     def post_process(
         self, data: dict[str, torch.Tensor], prepared: PreparedVolume | PreparedImage, *args, **kwargs

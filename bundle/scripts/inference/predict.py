@@ -11,7 +11,8 @@ validation, :mod:`scripts.data.lesions`); the per-slice voxel counts of the repo
 The fast path (``InferenceSettings.fast_inference``, on by default) decodes a volume's segmentation on its brain's
 bounding box only, taken in the network's input grid after the resize (training's pixel scale), and pastes it back
 into that grid before the usual put-back; the encoder, and with it the classification, still sees whole slices
-(:func:`run_network`). On a CPU the network also runs with channels_last weights (:func:`fast_layout`). Slices
+(:func:`run_network`). On a CPU the network also runs with channels_last weights (:func:`fast_layout`) and, with
+``InferenceSettings.int8_inference``, its convolutions in int8 (:mod:`scripts.inference.quantized`). Slices
 with too little brain are not analysed in either path (``min_brain_fraction``, as in data preparation). 2D images
 always run whole.
 
@@ -37,6 +38,7 @@ from scripts.data.volumes import DataError, LoadedCase, load_case, to_original_g
 
 from .inputs import InferenceInput
 from .names import mask_name
+from .quantized import int8_available, quantize_for_volume
 from .settings import InferenceSettings
 
 __all__ = [
@@ -74,8 +76,9 @@ class PreparedVolume:
         loaded: The case as read (its voxel array dropped once sliced), for going back to the file's grid.
         ras_shape: Spatial shape of the volume in RAS.
         domain: The network's image domain: slices of a volume, as the BraTS slices it trained on.
-        crop_to_brain: Decode the segmentation on the volume's brain box only (``InferenceSettings.fast_inference``,
+        fast: Decode the segmentation on the volume's brain box only (``InferenceSettings.fast_inference``,
             :func:`run_network`).
+        int8: Run the fast path's convolutions in int8 on a CPU (``InferenceSettings.int8_inference``).
     """
 
     domain = 0
@@ -84,7 +87,8 @@ class PreparedVolume:
     z: np.ndarray
     loaded: LoadedCase
     ras_shape: tuple[int, int, int]
-    crop_to_brain: bool = False
+    fast: bool = False
+    int8: bool = False
 
 
 @dataclass
@@ -96,11 +100,12 @@ class PreparedImage:
         image: ``(1, C, S, S)`` float32.
         shape: ``(H, W)`` of the image file.
         domain: The network's image domain: whole-head 2D images, as the Kaggle images it trained on.
-        crop_to_brain: Never: a whole-head image has no zero background to crop away.
+        fast: Never: a whole-head image has no zero background to crop away.
     """
 
     domain = 1
-    crop_to_brain = False
+    fast = False
+    int8 = False
     item: InferenceInput
     image: np.ndarray
     shape: tuple[int, int]
@@ -136,7 +141,8 @@ def _prepare_volume(item: InferenceInput, settings: InferenceSettings) -> Prepar
     # The voxels are not needed any more; the rest of the case is what goes back to the file's grid.
     loaded = dataclasses.replace(loaded, image=np.zeros((loaded.image.shape[0], 0, 0, 0), dtype=np.float32))
     z = np.array([s.z for s in slices], dtype=np.int64)
-    return PreparedVolume(item, image, z, loaded, ras_shape, crop_to_brain=settings.fast_inference)
+    int8 = settings.fast_inference and settings.int8_inference
+    return PreparedVolume(item, image, z, loaded, ras_shape, fast=settings.fast_inference, int8=int8)
 
 
 def _prepare_image(item: InferenceInput, settings: InferenceSettings) -> PreparedImage:
@@ -265,7 +271,8 @@ def run_network(
     image: np.ndarray | torch.Tensor,
     batch_size: int,
     domain: int = 0,
-    crop_to_brain: bool = False,
+    fast: bool = False,
+    int8: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Run the multi-task network over a stack of slices, ``batch_size`` at a time.
 
@@ -276,16 +283,23 @@ def run_network(
         batch_size: Slices per call.
         domain: The image domain (``PreparedVolume.domain`` or ``PreparedImage.domain``): it picks the encoder's
             BatchNorm statistics.
-        crop_to_brain: Decode only the stack's brain box (:func:`brain_box`, :func:`_forward_decoding_box`) and
-            paste the segmentation back into the ``S x S`` grid (``PreparedVolume.crop_to_brain``); the network
+        fast: Decode only the stack's brain box (:func:`brain_box`, :func:`_forward_decoding_box`) and
+            paste the segmentation back into the ``S x S`` grid (``PreparedVolume.fast``); the network
             sees the whole slices' pixel scale either way. Whole slices when the network cannot say its divisor
             or be called part by part.
+        int8: With ``fast``, on a CPU, the encoder and decoder in int8, calibrated on the stack
+            (:func:`scripts.inference.quantized.quantize_for_volume`); float32 where the network cannot be.
 
     Returns:
         ``{"seg": (K, 1, S, S) logits, "cls": (K, 2) logits}`` on the CPU.
     """
     stack = torch.as_tensor(image, dtype=torch.float32)
-    box = brain_box(stack, size_divisor(network)) if crop_to_brain and _has_parts(network) else None
+    divisor = size_divisor(network)
+    parts = fast and divisor is not None and _has_parts(network)
+    box = brain_box(stack, divisor) if parts else None
+    if parts and int8 and isinstance(network, nn.Module) and int8_available(network):
+        network = quantize_for_volume(network, stack, domain, divisor)
+        box = box or (slice(0, stack.shape[-2]), slice(0, stack.shape[-1]))
     device = network_device(network)
     seg, cls = [], []
     with torch.inference_mode():
@@ -406,5 +420,7 @@ def predict(
 ) -> Prediction:
     """Prepare, run and finish one input."""
     prepared = prepare(item, settings)
-    outputs = run_network(network, prepared.image, settings.slice_batch_size, prepared.domain, prepared.crop_to_brain)
+    outputs = run_network(
+        network, prepared.image, settings.slice_batch_size, prepared.domain, prepared.fast, prepared.int8
+    )
     return finish(prepared, outputs, settings)

@@ -23,6 +23,7 @@ _CONFIG_KEYS = {
     "min_brain_fraction": "min_brain_fraction",
     "slice_batch_size": "batch_size",
     "fast_inference": "fast_inference",
+    "int8_inference": "int8_inference",
     "min_lesion_voxels": "min_lesion_voxels",
 }
 
@@ -44,6 +45,11 @@ class InferenceSettings:
             default layout. On by default: the masks and probabilities agree with whole slices
             (tests/test_fast_inference.py) for less work. Configs without the key (a model.ts exported before it
             existed) get the default.
+        int8_inference: Within the fast path on a CPU, run each volume's convolutions in int8, calibrated on a few of
+            its slices (:mod:`scripts.inference.quantized`): about a quarter of the float time for the full
+            preset's network, where the calibration costs more than it saves on the demo's 64 px slices
+            (docs/performance.md). Masks and probabilities agree with float32 to a Dice of 0.99 and a hundredth
+            (tests/test_fast_inference.py). Ignored on a GPU and for networks without BatchNorm.
         min_lesion_voxels: Post-processing of a volume's mask: its 3D connected components (26-connectivity) of fewer
             voxels are removed (:func:`scripts.data.lesions.remove_small_lesions`); 0 removes none. The size chosen
             for the model on the validation split (metadata.json ``postprocessing``); 2D images are left as they are.
@@ -57,6 +63,7 @@ class InferenceSettings:
     slice_batch_size: int = DEFAULT_SLICE_BATCH_SIZE
     fast_inference: bool = True
     min_lesion_voxels: int = 0
+    int8_inference: bool = True
 
     def summary(self) -> dict[str, Any]:
         """The settings as recorded in every output JSON."""
@@ -66,6 +73,7 @@ class InferenceSettings:
             "modalities": list(self.modalities),
             "min_brain_fraction": self.min_brain_fraction,
             "fast_inference": self.fast_inference,
+            "int8_inference": self.int8_inference,
             "min_lesion_voxels": self.min_lesion_voxels,
         }
 
@@ -78,6 +86,7 @@ def make_settings(
     slice_batch_size: int = DEFAULT_SLICE_BATCH_SIZE,
     fast_inference: bool = True,
     min_lesion_voxels: int = 0,
+    int8_inference: bool = True,
 ) -> InferenceSettings:
     """Check and build the settings.
 
@@ -90,6 +99,7 @@ def make_settings(
         slice_batch_size: See :class:`InferenceSettings`.
         fast_inference: See :class:`InferenceSettings`.
         min_lesion_voxels: See :class:`InferenceSettings`.
+        int8_inference: See :class:`InferenceSettings`.
 
     Raises:
         ValueError: On values that cannot work, naming the setting.
@@ -113,8 +123,9 @@ def make_settings(
             f"min_brain_fraction {min_brain_fraction} (in [0, 1)), min_lesion_voxels {min_lesion_voxels} (0: none)"
         )
     fast = as_bool(fast_inference, "fast_inference")  # `--fast_inference false` arrives as text
+    int8 = as_bool(int8_inference, "int8_inference")
     return InferenceSettings(
-        image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size, fast, min_lesion_voxels
+        image_size, in_channels, modalities, float(min_brain_fraction), slice_batch_size, fast, min_lesion_voxels, int8
     )
 
 

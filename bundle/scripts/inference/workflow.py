@@ -32,7 +32,7 @@ def input_datalist(root: str, settings: InferenceSettings, output_dir: str | Non
 
 class PrepareInputd(Transform):
     """Read one input and preprocess it as training did: ``{"image": (K, C, S, S) tensor, "prepared": ...}``, plus
-    the input's ``domain`` and ``crop_to_brain``, which the evaluator passes on to :class:`SliceBatchInferer`.
+    the input's ``domain`` and ``fast``, which the evaluator passes on to :class:`SliceBatchInferer`.
 
     Args:
         settings: The run's settings.
@@ -47,7 +47,8 @@ class PrepareInputd(Transform):
             "image": torch.from_numpy(prepared.image),
             "prepared": prepared,
             "domain": prepared.domain,
-            "crop_to_brain": prepared.crop_to_brain,
+            "fast": prepared.fast,
+            "int8": prepared.int8,
         }
 
 
@@ -75,10 +76,11 @@ class SliceBatchInferer(Inferer):
         network: Any,
         *args: Any,
         domain: int = 0,
-        crop_to_brain: bool = False,
+        fast: bool = False,
+        int8: bool = False,
         **kwargs: Any,
     ) -> dict[str, torch.Tensor]:
-        return run_network(network, inputs, self.batch_size, domain, crop_to_brain)
+        return run_network(network, inputs, self.batch_size, domain, fast, int8)
 
 
 def _root_cause(error: BaseException) -> BaseException:
