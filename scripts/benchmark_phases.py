@@ -303,18 +303,24 @@ def measure_training(spec: Spec) -> dict[str, Any]:
     seg_only = train_parser(spec, **SEG_ONLY_OVERRIDES).get_parsed_content("train#trainer")
     # The other memory layout than the configured one (train.yaml trains channels_last): their ratio is its gain.
     other_layout = train_parser(spec, channels_last=not channels_last_configured(parser))
+    # And without the batch augmentation, which the trainer's prepare_batch applies: its share of the step.
+    no_augmentation = train_parser(spec, **{"train#prepare_batch#augmentation": None})
     trainers = {"multitask": trainer, "seg_only": seg_only,
-                "multitask_other_layout": other_layout.get_parsed_content("train#trainer")}  # fmt: skip
+                "multitask_other_layout": other_layout.get_parsed_content("train#trainer"),
+                "multitask_no_augmentation": no_augmentation.get_parsed_content("train#trainer")}  # fmt: skip
     for each in trainers.values():  # first iterations allocate; the rounds need no warm-up of their own
         timed_run(each, brats, spec.warmup)
     # One batch replayed: compute only, so rounds can be short and finely interleaved.
     compute = interleaved(
         {name: (lambda t=each: timed_run(t, brats, spec.steps)) for name, each in trainers.items()}, spec.rounds
     )
+    # The loader alone as well: the loading's own cost, which the difference of the other two (a few percent of
+    # rounds that vary by several) cannot resolve.
     loading = interleaved(
         {
             "real_loading": lambda: timed_run(trainer, trainer.data_loader, loading_steps, spec.warmup),
             "compute_only": lambda: timed_run(trainer, replay, loading_steps, spec.warmup),
+            "loader_alone": lambda: timed_iteration(trainer.data_loader, loading_steps, spec.warmup),
         },
         spec.rounds,
     )

@@ -75,6 +75,19 @@ def test_training_figures_are_positive_and_ratios_are_their_quotients(figures: d
         training["real_loading_images_per_s"] / training["compute_only_images_per_s"]
     )
     assert training["multitask_gflop_per_image"] > 0
+    # With one round, the median of the rounds' ratios is that round's.
+    assert training["real_loading_over_compute_only_median_of_rounds"] == pytest.approx(
+        training["real_loading_images_per_s_over_compute_only_images_per_s"]
+    )
+    # The data path's own cost: the loader alone against the computation.
+    assert training["loader_alone_images_per_s"] > 0
+    assert training["data_path_share_of_training_time"] == pytest.approx(
+        training["compute_only_images_per_s"]
+        / (training["compute_only_images_per_s"] + training["loader_alone_images_per_s"])
+    )
+    assert training["augmentation_share_of_multitask_step"] == pytest.approx(
+        1 - (4 / training["multitask_no_augmentation_images_per_s"]) / training["multitask_step_s"]
+    )
 
 
 def test_data_figures(figures: dict) -> None:
@@ -102,6 +115,8 @@ def test_inference_backends_agree_and_ratios_are_their_quotients(figures: dict) 
             assert inference["agreement"][name]["mask_equal_fraction"] > 0.99
     assert figures["targets"]["outputs_agree"] is True
     assert_fast_path_figures(inference)
+    # configs/demo.yaml runs the fast path in float32: nothing else to time beside it.
+    assert inference["fast_int8"] is False and "fast_float32_volume_s" not in inference
     # Random weights: their masks say nothing about the fast path, so its masks' target is not judged.
     assert inference["weights"] == "random" and "fast_volume_at_most_0.35_of_eager_fp32" in figures["targets"]
     assert "fast_masks_dice_at_least_0.99_with_eager_fp32" not in figures["targets"]
@@ -126,6 +141,11 @@ def test_the_full_preset_measures_inference_alone(full_inference: dict) -> None:
     inference = full_inference["inference"]
     assert inference["backends"] == ["eager"] and inference["slice_batch_size"] == 16  # configs/full.yaml's
     assert_fast_path_figures(inference)
+    # The full preset's fast path runs int8, and its float32 variant is timed beside it.
+    assert inference["fast_int8"] is True
+    assert inference["fast_float32_volume_s_over_eager_fp32_volume_s"] == pytest.approx(
+        inference["fast_float32_volume_s"] / inference["eager_fp32_volume_s"]
+    )
     assert full_inference["settings"]["dataset_dir"] == ""  # nothing prepared for inference alone
     assert inference["weights"] == full_inference["settings"]["checkpoint"] != ""
     # With weights from a checkpoint the masks' target is judged; no scripted back-end was measured.
