@@ -16,6 +16,7 @@ from conftest import BUNDLE_ROOT, REPO_ROOT, TINY_SIZE
 from test_evaluation import CASE_ID, raw_case
 from test_export import TinyModel, run_tool, tiny_model
 
+from scripts import evaluation as evaluation_module
 from scripts.data.lesions import remove_small_lesions
 from scripts.errors import UsageError
 from scripts.evaluation import PredictionCollector
@@ -134,7 +135,9 @@ def test_none_wins_when_removal_deletes_a_real_small_lesion_and_ties_go_to_none(
     assert choose_min_lesion_voxels([undefined])["min_lesion_voxels"] == 0
 
 
-def test_the_evaluation_chooses_on_what_it_recorded_and_reports_with_the_choice(tmp_path: Path) -> None:
+def test_the_evaluation_chooses_on_what_it_recorded_and_reports_with_the_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     patients, slices = raw_case(tmp_path)
 
     def stray(item) -> np.ndarray:  # 2 x 2 voxels in one slice, far from the tumour
@@ -156,7 +159,11 @@ def test_the_evaluation_chooses_on_what_it_recorded_and_reports_with_the_choice(
     stored = run(min_lesion_voxels=5)  # a stored choice is applied to the native-grid masks only
     assert stored.metrics["brats_patient_lesionwise_dice_mean"] == 1.0
     assert stored.metrics["brats_slice_dice_mean"] == plain.metrics["brats_slice_dice_mean"]
+    reads = []
+    original_load_case = evaluation_module.load_case
+    monkeypatch.setattr(evaluation_module, "load_case", lambda *a, **k: reads.append(1) or original_load_case(*a, **k))
     chosen = run(lesion_size_candidates=[0, 4, 5, 10000])
+    assert len(reads) == 1  # the raw case is read once, for the choice and the scores with it
     assert chosen.selection["min_lesion_voxels"] == 5  # 4 voxels are not below 4
     assert chosen.metrics["postprocessing_min_lesion_voxels"] == 5
     assert chosen.metrics["brats_patient_lesionwise_dice_mean"] == 1.0

@@ -136,9 +136,12 @@ def _binary_volume(mask: Any, name: str) -> np.ndarray:
     return array.astype(bool, copy=False)
 
 
-def _union_box(prediction: np.ndarray, reference: np.ndarray) -> tuple[slice, ...]:
-    """The bounding box of both masks plus a margin: every score below is the same on it as on the whole grid."""
+def union_box(prediction: np.ndarray, reference: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of both masks plus a margin: every score below is the same on it as on the whole grid, and
+    so are the prediction's connected components (a whole-grid box when both masks are empty)."""
     union = prediction | reference
+    if not union.any():
+        return tuple(slice(0, n) for n in union.shape)
     box = []
     for axis in range(union.ndim):
         hits = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
@@ -207,7 +210,7 @@ def whole_tumour_metrics(prediction: np.ndarray, reference: np.ndarray, spacing:
 
     # Scoring the masks' box instead of a 240 x 240 x 155 grid gives the same numbers (components, surfaces and the
     # distances between them all lie inside it) in a fraction of the time.
-    crop = _union_box(prediction, reference)
+    crop = union_box(prediction, reference)
     prediction, reference = np.ascontiguousarray(prediction[crop]), np.ascontiguousarray(reference[crop])
     result = _evaluator().evaluate(
         prediction.astype(np.uint8), reference.astype(np.uint8), result_all=False, voxelspacing=spacing

@@ -59,7 +59,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from .brats_metrics import whole_tumour_metrics
+from .brats_metrics import union_box, whole_tumour_metrics
 from .data.images import KAGGLE_CLASSES
 from .data.lesions import remove_small_lesions
 from .data.slices import slices_to_volume
@@ -482,6 +482,7 @@ def score_patients(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     native_grid: bool = False,
     min_lesion_voxels: int = 0,
+    native_masks: Mapping[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]]] | None = None,
 ) -> list[PatientScore]:
     """Per-patient 3D Dice and HD95, and with ``native_grid`` the official BraTS metrics on the raw volume's grid.
 
@@ -494,6 +495,7 @@ def score_patients(
         native_grid: Also score each patient with :func:`native_grid_scores` (needs ``patients`` and the raw
             cases it names, and slices recorded with their probabilities).
         min_lesion_voxels: The post-processing of the native-grid masks (:func:`native_grid_scores`).
+        native_masks: Patients' native-grid masks already built (:func:`choose_postprocessing`'s ``keep``).
 
     Returns:
         One score per patient, sorted by patient id.
@@ -519,7 +521,8 @@ def score_patients(
         pred, label = patient_volumes(own)
         native = {}
         if native_grid:
-            native = native_grid_scores(patient, own, patients[patient], raw_cases, min_lesion_voxels)
+            masks = (native_masks or {}).get(patient)
+            native = native_grid_scores(patient, own, patients[patient], raw_cases, min_lesion_voxels, masks)
         scores.append(
             PatientScore(
                 patient=patient,
@@ -579,14 +582,19 @@ def native_grid_scores(
     record: Mapping[str, Any],
     raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] | None = None,
     min_lesion_voxels: int = 0,
+    masks: tuple[np.ndarray, np.ndarray, tuple[float, ...]] | None = None,
 ) -> dict[str, float]:
     """The official BraTS whole-tumour metrics of one patient, on the grid of its raw volume, after the model's
     post-processing (components below ``min_lesion_voxels`` removed from the prediction; 0: none).
 
+    Args:
+        masks: The patient's :func:`native_grid_masks` when they were already built (cropped to their
+            :func:`scripts.brats_metrics.union_box`, which changes no score): the raw case is not read again.
+
     Returns:
         :func:`scripts.brats_metrics.whole_tumour_metrics` of the patient.
     """
-    prediction, reference, spacing = native_grid_masks(patient, slices, record, raw_cases)
+    prediction, reference, spacing = masks or native_grid_masks(patient, slices, record, raw_cases)
     return whole_tumour_metrics(remove_small_lesions(prediction, min_lesion_voxels), reference, spacing)
 
 
@@ -638,16 +646,31 @@ def native_grid_masks(
 
 
 def choose_postprocessing(
-    slices: Iterable[SliceMasks], patients: Mapping[str, Mapping[str, Any]], candidates: Sequence[int]
+    slices: Iterable[SliceMasks],
+    patients: Mapping[str, Mapping[str, Any]],
+    candidates: Sequence[int],
+    keep: dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]]] | None = None,
 ) -> dict[str, Any]:
     """Choose the model's post-processing size on these (validation) patients' native-grid masks
     (:func:`scripts.postprocessing.choose_min_lesion_voxels`); each mask is put back once and post-processed per
-    candidate, the network is not run again. Only one patient's volumes are held at a time."""
+    candidate, the network is not run again. Only one patient's volumes are held at a time.
+
+    Args:
+        keep: Filled with each patient's masks cropped to their union box (a few hundred kB where the whole grids
+            are megabytes), for scoring with the chosen size without reading the raw cases again
+            (:func:`native_grid_scores`'s ``masks``).
+    """
     raw_cases: dict[tuple[str, str | None], dict[str, VolumeCase]] = {}
     scores = []
     for patient, own in sorted(_by_patient(slices).items()):
-        masks = native_grid_masks(patient, sorted(own, key=lambda m: m.z), patients[patient], raw_cases)
-        scores.append(lesionwise_dice_by_size(*masks, candidates))
+        prediction, reference, spacing = native_grid_masks(
+            patient, sorted(own, key=lambda m: m.z), patients[patient], raw_cases
+        )
+        box = union_box(prediction, reference)
+        prediction, reference = np.ascontiguousarray(prediction[box]), np.ascontiguousarray(reference[box])
+        if keep is not None:
+            keep[patient] = (prediction, reference, spacing)
+        scores.append(lesionwise_dice_by_size(prediction, reference, spacing, candidates))
     return choose_min_lesion_voxels(scores)
 
 
@@ -839,6 +862,7 @@ def compute_metrics(
     threshold: float | None = None,
     native_grid: bool = False,
     min_lesion_voxels: int = 0,
+    native_masks: Mapping[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]]] | None = None,
 ) -> tuple[dict[str, float], list[PatientScore]]:
     """Score everything the collector recorded.
 
@@ -850,13 +874,14 @@ def compute_metrics(
         threshold: Classification threshold; default: ``records.threshold``.
         native_grid: Add the official BraTS metrics on the raw volumes' grid (see :func:`score_patients`).
         min_lesion_voxels: Their post-processing (recorded as ``postprocessing_min_lesion_voxels``).
+        native_masks: Patients' native-grid masks already built (see :func:`score_patients`).
 
     Returns:
         ``(metrics, per_patient)``: a flat dict of numbers (NaN where undefined; the key list is the same for
         every run, so runs compare key by key) and the per-patient scores.
     """
     threshold = records.threshold if threshold is None else threshold
-    scores = score_patients(records.slices, patients, spacing, native_grid, min_lesion_voxels)
+    scores = score_patients(records.slices, patients, spacing, native_grid, min_lesion_voxels, native_masks)
     metrics: dict[str, float] = {"postprocessing_min_lesion_voxels": min_lesion_voxels if native_grid else math.nan}
     metrics.update(segmentation_metrics(scores, records.slices))
     metrics.update(detection_metrics(records.slices, min_tumour_pixels))
@@ -1199,8 +1224,11 @@ class PredictionCollector:
     def compute(self) -> tuple[dict[str, float], list[PatientScore]]:
         """Metrics and per-patient scores of what has been recorded (see :func:`compute_metrics`), after choosing the
         post-processing when asked to."""
+        native_masks: dict[str, tuple[np.ndarray, np.ndarray, tuple[float, ...]]] = {}
         if self.lesion_size_candidates is not None and self.records.slices:
-            self.selection = choose_postprocessing(self.records.slices, self.patients, self.lesion_size_candidates)
+            self.selection = choose_postprocessing(
+                self.records.slices, self.patients, self.lesion_size_candidates, keep=native_masks
+            )
             self.min_lesion_voxels = self.selection["min_lesion_voxels"]
         self.metrics, self.per_patient = compute_metrics(
             self.records,
@@ -1210,6 +1238,7 @@ class PredictionCollector:
             self.threshold,
             self.native_grid,
             self.min_lesion_voxels,
+            native_masks,
         )
         return self.metrics, self.per_patient
 
