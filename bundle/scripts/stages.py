@@ -7,16 +7,21 @@ network with the right parts frozen and the optimizer's parameter groups. Where 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
+from monai.optimizers import WarmupCosineSchedule
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from .errors import UsageError
 from .flags import as_bool
 from .networks.normalization import DomainBatchNorm2d
 
 COMPONENTS = ("encoder", "decoder", "cls_head")
+# The parameter groups that carry on an earlier stage's optimisation in a stage that ``continues`` it.
+CARRIED_GROUPS = ("encoder", "decoder")
 
 
 def prepare_network(network: nn.Module, stage: Mapping[str, Any], device: Any = None) -> nn.Module:
@@ -72,3 +77,48 @@ def parameter_groups(network: nn.Module, stage: Mapping[str, Any]) -> list[dict[
     if not result:
         raise ValueError("The stage trains no parameter: every component is frozen.")
     return result
+
+
+def learning_rate_schedule(
+    optimizer: Any, stage: Mapping[str, Any], stages: Mapping[str, Mapping[str, Any]], steps_per_epoch: int
+) -> Any:
+    """The stage's learning-rate schedule, stepped every iteration: MONAI's linear warm-up over ``warmup_epochs``
+    then a cosine decay to 0 at ``schedule_epochs`` (default: the stage's ``epochs``; a longer one stops the stage
+    part of the way down).
+
+    With ``continues: N`` the encoder and decoder carry on stage N's optimisation instead of starting a new one: their
+    rate follows the rest of stage N's cosine (from where stage N stopped down to 0 over this stage), and
+    :class:`scripts.handlers.OptimizerContinuation` gives them stage N's optimizer state. A joint stage that restarts
+    them at a high rate with a fresh AdamW moves every weight by about the rate per step; the seg-only baseline, one
+    uninterrupted schedule, never does. Their groups' rate should then be stage N's (``lr * encoder_lr_factor``).
+    """
+    epochs = float(stage["epochs"])
+    total = max(int(float(stage.get("schedule_epochs") or epochs) * steps_per_epoch), 1)
+    warmup = int(float(stage.get("warmup_epochs") or 0) * steps_per_epoch)
+    continues = stage.get("continues")
+    if not continues:
+        return WarmupCosineSchedule(optimizer, warmup_steps=warmup, t_total=total)
+    earlier = stages[str(continues)]
+    done = float(earlier["epochs"]) / float(earlier.get("schedule_epochs") or earlier["epochs"])
+
+    def fresh(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))))
+
+    def carried_on(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * (done + (1.0 - done) * min(step / total, 1.0))))
+
+    lambdas = [carried_on if group.get("name") in CARRIED_GROUPS else fresh for group in optimizer.param_groups]
+    return LambdaLR(optimizer, lambdas)
+
+
+def parameter_names(network: nn.Module, trainable: Any) -> list[str]:
+    """The names of the parameters a stage training ``trainable`` gives its optimizer, in the optimizer's order
+    (:func:`parameter_groups`: encoder, decoder, head)."""
+    return [
+        f"{name}.{key}"
+        for name in COMPONENTS
+        if name in trainable
+        for key, _ in getattr(network, name).named_parameters()
+    ]
