@@ -298,7 +298,7 @@ def run_network(
     parts = fast and divisor is not None and _has_parts(network)
     box = brain_box(stack, divisor) if parts else None
     if parts and int8 and isinstance(network, nn.Module) and int8_available(network):
-        network = quantize_for_volume(network, stack, domain, divisor)
+        network = quantize_for_volume(network, stack, domain)
         box = box or (slice(0, stack.shape[-2]), slice(0, stack.shape[-1]))
     device = network_device(network)
     seg, cls = [], []

@@ -8,8 +8,8 @@ quantisation. So the encoder and the decoder are rebuilt from the network's weig
 volume gets its own activation ranges from a few of its slices before its int8 pass. The classification head stays
 float32 on the int8 encoder's bottleneck (it is a few thousand operations per slice).
 
-On the full preset's network the int8 encoder and decoder took about a quarter of the time of float32 channels_last
-on 2 CPU cores (docs/performance.md); tests/test_fast_inference.py checks that masks and probabilities agree.
+On the full preset's network the fast path took 29.0 s per volume in int8 against 52.7 s in float32 on 2 CPU cores
+(docs/performance.md); tests/test_fast_inference.py checks that masks and probabilities agree.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ __all__ = ["QuantizedUNet", "folded_unet", "int8_available", "quantize_for_volum
 
 ENGINE = "x86"
 # Slices of a volume run through the observed float network to set its activation ranges: spread over the volume,
-# so that tumour and tumour-free slices both count. More cost more float time and changed the masks little.
+# so that tumour and tumour-free slices both count; each is one more float32 slice of work per volume.
 CALIBRATION_SLICES = 8
 BATCH_NORM_EPS = 1e-5  # DomainBatchNorm2d's, which the state dict does not carry
 
@@ -173,28 +173,25 @@ _observed: weakref.WeakKeyDictionary[nn.Module, dict[int, _Observed]] = weakref.
 class QuantizedUNet:
     """A network's int8 encoder and decoder for one volume, with its own float32 classification head.
 
-    It offers what :func:`scripts.inference.predict.run_network` calls part by part: ``features``, ``decoder``,
-    ``cls_head`` and the encoder's ``size_divisor``.
+    It offers what :func:`scripts.inference.predict.run_network` calls part by part: ``features``, ``decoder`` and
+    ``cls_head``.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, cls_head: nn.Module, size_divisor: int) -> None:
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, cls_head: nn.Module) -> None:
         self._encoder, self.decoder, self.cls_head = encoder, decoder, cls_head
-        self.encoder = type("Encoder", (), {"size_divisor": size_divisor})()
 
     def features(self, x: torch.Tensor, domain: int = 0) -> list[torch.Tensor]:
         return self._encoder(x.contiguous(memory_format=torch.channels_last))
 
 
-def quantize_for_volume(network: nn.Module, stack: torch.Tensor, domain: int, size_divisor: int) -> QuantizedUNet:
+def quantize_for_volume(network: nn.Module, stack: torch.Tensor, domain: int) -> QuantizedUNet:
     """The network in int8 for one volume's ``(K, C, S, S)`` stack, calibrated on up to ``CALIBRATION_SLICES`` of
-    its slices (those the fast path decodes: the encoder sees whole slices, the decoder the brain box, which the
-    calibration does not need: the activations' ranges are those of the brain either way).
+    its whole slices (the decoder later runs on the brain box, where the activations are those of the same brain).
 
     Args:
         network: The multi-task network (eager or TorchScript), in eval mode on the CPU.
         stack: The volume's slices, as the network takes them.
         domain: The image domain, whose BatchNorm statistics are folded in.
-        size_divisor: The encoder's ``2**depth``.
     """
     from torch.ao.quantization import quantize_fx
 
@@ -210,4 +207,4 @@ def quantize_for_volume(network: nn.Module, stack: torch.Tensor, domain: int, si
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         encoder, decoder = quantize_fx.convert_fx(encoder), quantize_fx.convert_fx(decoder)
-    return QuantizedUNet(encoder, decoder, network.cls_head, size_divisor)
+    return QuantizedUNet(encoder, decoder, network.cls_head)
