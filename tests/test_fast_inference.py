@@ -359,3 +359,21 @@ def test_int8_is_the_same_for_the_eager_and_the_torchscript_network(fitted: torc
     torch.testing.assert_close(scripted, eager)
     # and not the float path's to the last bit: int8 did run
     assert not torch.equal(eager["seg"], run_network(fitted, stack, 4, fast=True)["seg"])
+
+
+def test_int8_leaves_no_freed_operator_among_torchscripts_builtins() -> None:
+    """Importing FX quantisation swaps operator functions under torch.library (torch 2.13); a freed one left in
+    TorchScript's id-keyed table of builtins made a later ``torch.jit.script`` fail whenever an object landed at its
+    address (the suite's "builtin cannot be used as a value", at random)."""
+    network = _tiny_random_network()
+    stack = torch.zeros(4, 1, 32, 32)
+    stack[:, :, 9:20, 12:23] = torch.randn(4, 1, 11, 11)
+    run_network(network, stack, 2, fast=True, int8=True)
+    stale = []
+    for address, qualified_name in torch.jit._builtins._get_builtin_table().items():
+        namespace, _, name = qualified_name.partition("::")
+        packet = None if namespace in ("aten", "prim") else getattr(getattr(torch.ops, namespace), name, None)
+        if packet is not None and id(packet._op) != address:
+            stale.append(qualified_name)
+    assert not stale
+    torch.jit.script(_tiny_random_network())  # and scripting a fresh network works

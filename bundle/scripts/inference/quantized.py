@@ -18,6 +18,7 @@ import copy
 import warnings
 import weakref
 from collections.abc import Mapping
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -129,6 +130,27 @@ def _upsampling(state: Mapping[str, torch.Tensor], prefix: str) -> nn.Sequential
     return nn.Sequential(conv, nn.PixelShuffle(size))
 
 
+def _quantize_fx() -> ModuleType:
+    """``torch.ao.quantization.quantize_fx``, imported without leaving freed operators in TorchScript's builtins.
+
+    Why: importing it defines more ``quantized_decomposed`` overloads through ``torch.library``, which swaps the
+    function behind an existing operator packet; TorchScript's table of builtins, keyed by ``id()``, keeps the freed
+    function's address (torch 2.13). An object later allocated there (a Conv2d's padding list, say) then scripts
+    as that operator, and ``torch.jit.script`` of a model fails at random with "builtin cannot be used as a value".
+    """
+    from torch.ao.quantization import quantize_fx
+
+    table = torch.jit._builtins._get_builtin_table()
+    for address, qualified_name in list(table.items()):
+        namespace, _, name = qualified_name.partition("::")
+        if namespace in ("aten", "prim"):  # these also name Python functions (torch.add is aten::add)
+            continue
+        packet = getattr(getattr(torch.ops, namespace), name, None)
+        if packet is not None and id(packet._op) != address:
+            del table[address]
+    return quantize_fx
+
+
 def _qconfig_mapping() -> object:
     from torch.ao.quantization import get_default_qconfig_mapping
 
@@ -155,8 +177,7 @@ class _Observed:
     """The folded encoder and decoder of one network and domain with FX observers in place, traced once."""
 
     def __init__(self, network: nn.Module, domain: int, example: torch.Tensor) -> None:
-        from torch.ao.quantization import quantize_fx
-
+        quantize_fx = _quantize_fx()
         encoder, decoder = folded_unet(network, domain)
         torch.backends.quantized.engine = ENGINE
         with warnings.catch_warnings():  # PyTorch announces the move of FX quantisation to torchao on every call
@@ -193,8 +214,7 @@ def quantize_for_volume(network: nn.Module, stack: torch.Tensor, domain: int) ->
         stack: The volume's slices, as the network takes them.
         domain: The image domain, whose BatchNorm statistics are folded in.
     """
-    from torch.ao.quantization import quantize_fx
-
+    quantize_fx = _quantize_fx()
     picks = np.unique(np.linspace(0, stack.shape[0] - 1, min(CALIBRATION_SLICES, stack.shape[0])).round().astype(int))
     sample = stack[torch.as_tensor(picks)].float()
     per_network = _observed.setdefault(network, {})
