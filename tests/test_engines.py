@@ -44,23 +44,30 @@ def test_new_domain_statistics_are_the_mean_of_its_batches_and_nothing_else_move
     assert all(m.momentum == 0.1 for m in model.encoder.modules() if isinstance(m, DomainBatchNorm2d))
 
 
-def _joint_trainer(model: torch.nn.Module, batches: list[dict], kaggle_batches: list[dict], cls_weight: float):
+def _joint_trainer(
+    model: torch.nn.Module, batches: list[dict], kaggle_batches: list[dict], cls_weight: float,
+    every_batch: bool = False, lr: float = 0.1,
+):  # fmt: skip
     """The stage-3 training step as train.yaml builds it: MONAI's SupervisedTrainer with the bundle's
-    prepare_batch, loss and alternating loader, the loader's cycle accumulated into one optimizer step."""
+    prepare_batch, loss and alternating loader, the loader's cycle accumulated into one optimizer step (or, with
+    ``every_batch``, a step per batch with the BraTS gradient carried)."""
     from monai.engines import SupervisedTrainer
     from monai.losses import DiceFocalLoss
 
     from scripts.engines import MultiTaskBatch
+    from scripts.handlers import BratsGradientCarry
     from scripts.loaders import AlternatingLoader, batches_per_step
     from scripts.losses import MultiTaskLoss, classification_loss
 
+    stage = {"tasks": ["seg", "cls"], "step_every_batch": every_batch}
     loader = AlternatingLoader(batches, kaggle_batches, kaggle_steps=len(kaggle_batches) // len(batches))
-    steps = batches_per_step(loader)
+    steps = batches_per_step(loader, stage)
     loss = MultiTaskLoss(DiceFocalLoss(sigmoid=True), classification_loss("focal"), cls_weight, steps)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=model, optimizer=optimizer,
         loss_function=loss, prepare_batch=MultiTaskBatch(("seg", "cls")), accumulation_steps=steps, decollate=False,
+        train_handlers=[BratsGradientCarry(model, stage)],
     )  # fmt: skip
     return trainer, optimizer, loss
 
@@ -79,10 +86,12 @@ def _tiny_batches(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return brats, kaggle
 
 
-def _encoder_gradient_at_the_update(brats: list[dict], kaggle: list[dict], cls_weight: float = 2.0):
+def _encoder_gradient_at_the_update(
+    brats: list[dict], kaggle: list[dict], cls_weight: float = 2.0, every_batch: bool = False, lr: float = 0.1
+):
     torch.manual_seed(0)
     model = create_multi_task_model(base_filters=4, depth=2, num_domains=2, cls_dropout=0.0)
-    trainer, optimizer, _ = _joint_trainer(model, brats, kaggle, cls_weight)
+    trainer, optimizer, _ = _joint_trainer(model, brats, kaggle, cls_weight, every_batch, lr)
     gradients: list[torch.Tensor] = []
     optimizer.register_step_pre_hook(
         lambda *_: gradients.append(torch.cat([p.grad.flatten() for p in model.encoder.parameters()]))
@@ -128,11 +137,48 @@ def test_only_a_stage_that_trains_both_tasks_accumulates_its_cycle() -> None:
 
     brats, kaggle = _tiny_batches()
     loader = AlternatingLoader(brats, kaggle, kaggle_steps=3)
-    assert batches_per_step(loader, ("seg", "cls")) == 4
+    joint = {"tasks": ["seg", "cls"]}
+    assert batches_per_step(loader, joint) == 4
     # The classification head stage and the cls-only baseline step on every batch, as the baselines always trained.
-    assert batches_per_step(loader, ("cls",)) == 1
-    assert batches_per_step(brats, ("seg", "cls")) == 1, "BraTS alone: nothing to accumulate"
-    assert batches_per_step(AlternatingLoader(brats, [], kaggle_steps=3), ("seg", "cls")) == 1
+    assert batches_per_step(loader, {"tasks": ["cls"]}) == 1
+    assert batches_per_step(brats, joint) == 1, "BraTS alone: nothing to accumulate"
+    assert batches_per_step(AlternatingLoader(brats, [], kaggle_steps=3), joint) == 1
+    assert batches_per_step(loader, {**joint, "step_every_batch": "true"}) == 1, "a step per batch, when asked"
+
+
+def test_a_step_per_batch_carries_the_brats_gradient_into_every_kaggle_update() -> None:
+    # step_every_batch: four updates for a BraTS batch and its three Kaggle batches; each Kaggle update is the BraTS
+    # batch's gradient (L_seg + lambda * its L_cls) plus lambda times that Kaggle batch's, all computed by hand at
+    # the same weights (learning rate 0, so that the weights stay where the hand computation has them).
+    from monai.losses import DiceFocalLoss
+
+    from scripts.losses import classification_loss
+
+    brats, kaggle = _tiny_batches(3)
+    cls_weight = 2.0
+    updates = _encoder_gradient_at_the_update(brats, kaggle, cls_weight, every_batch=True, lr=0.0)
+    assert len(updates) == 4
+    torch.manual_seed(0)
+    model = create_multi_task_model(base_filters=4, depth=2, num_domains=2, cls_dropout=0.0).train()
+    seg_loss, cls_loss = DiceFocalLoss(sigmoid=True), classification_loss("focal")
+
+    def encoder_gradient(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([p.grad.flatten().clone() for p in model.encoder.parameters()])
+
+    out = model(brats[0]["image"], domain=0)
+    g_b = encoder_gradient(seg_loss(out["seg"], brats[0]["label"]) + cls_weight * cls_loss(out["cls"], brats[0]["cls"]))
+    expected = [g_b] + [
+        g_b + encoder_gradient(cls_weight * cls_loss(model(b["image"], do_seg=False, domain=1)["cls"], b["cls"]))
+        for b in kaggle
+    ]
+    for update, hand in zip(updates, expected, strict=True):
+        torch.testing.assert_close(update, hand, rtol=1e-4, atol=1e-6)
+    # and a Kaggle update changes when only the BraTS batch's mask does
+    flipped = [{**brats[0], "label": 1 - brats[0]["label"]}]
+    changed = _encoder_gradient_at_the_update(flipped, kaggle, cls_weight, every_batch=True, lr=0.0)
+    assert not torch.allclose(updates[-1], changed[-1])
 
 
 def test_the_weight_average_is_validated_and_training_goes_on_from_the_networks_own_weights() -> None:

@@ -176,6 +176,49 @@ class OptimizerContinuation:
         )
 
 
+class BratsGradientCarry:
+    """A joint stage that steps on every batch (``step_every_batch``), each update still carrying the segmentation.
+
+    The accumulated joint step gives the encoder one update per cycle (a BraTS batch and its Kaggle batches), where
+    the cls-only baseline gets one per batch. With this handler the trainer steps on every batch: the BraTS batch's
+    gradient (``L_seg + lambda * L_cls`` of its slices) is kept after its backward pass and added to the gradient of
+    each Kaggle batch after it, so that every update follows the BraTS batch's loss plus ``lambda`` times that Kaggle
+    batch's, at the cost of reusing the BraTS gradient as the weights move within the cycle. MONAI's
+    ``SupervisedTrainer`` can sum a cycle into one update (``accumulation_steps``) but not reuse one batch's gradient.
+
+    Args:
+        network: the trained network (unwrapped from DistributedDataParallel).
+        stage: the stage's settings: ``step_every_batch`` (false: the handler does nothing).
+    """
+
+    def __init__(self, network: nn.Module, stage: dict[str, Any]) -> None:
+        self.enabled = as_bool(stage.get("step_every_batch", False), "step_every_batch")
+        self.parameters = [p for p in network.parameters() if p.requires_grad]
+        self._brats: list[torch.Tensor | None] = []
+
+    def attach(self, trainer: Any) -> None:
+        if not self.enabled:
+            return
+        from monai.engines.utils import IterationEvents
+
+        trainer.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.after_backward)
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda _: self._brats.clear())
+
+    def after_backward(self, engine: Any) -> None:
+        from monai.utils import CommonKeys
+
+        if "seg" in engine.state.output[CommonKeys.PRED]:
+            self._brats = [None if p.grad is None else p.grad.detach().clone() for p in self.parameters]
+            return
+        for parameter, brats in zip(self.parameters, self._brats, strict=False):
+            if brats is None:
+                continue
+            if parameter.grad is None:
+                parameter.grad = brats.clone()
+            else:
+                parameter.grad.add_(brats)
+
+
 class GradientConflict:
     """The joint step's gradient conflict on the shared encoder: measured always, projected away on request (PCGrad).
 

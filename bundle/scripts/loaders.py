@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from monai.data import DataLoader, Dataset
 from torch.utils.data import DistributedSampler
+
+from .flags import as_bool
 
 
 def _set_epoch(loader: Any, epoch: int) -> None:
@@ -128,14 +130,18 @@ def training_loader(stage: Mapping[str, Any], brats: Any, kaggle: Any) -> Any:
     raise ValueError(f"Unknown stage data '{stage['data']}': use 'brats' or 'brats+kaggle'.")
 
 
-def batches_per_step(loader: Any, tasks: Sequence[str] = ("seg", "cls")) -> int:
+def batches_per_step(loader: Any, stage: Mapping[str, Any]) -> int:
     """Batches the trainer accumulates into one optimizer step.
 
     A stage that trains both tasks on an :class:`AlternatingLoader` takes one step per cycle, so that every update
-    follows the design's ``L_seg + lambda * L_cls`` (the Kaggle batches carry no mask). A stage with one task has no
-    other task's gradient to keep in its updates: each batch is its own step, as the single-task baselines train.
+    follows the design's ``L_seg + lambda * L_cls`` (the Kaggle batches carry no mask), unless its
+    ``step_every_batch`` has each Kaggle batch add the cycle's BraTS gradient instead
+    (:class:`scripts.handlers.BratsGradientCarry`). A stage with one task has no other task's gradient to keep in its
+    updates: each batch is its own step, as the single-task baselines train.
     """
-    return getattr(loader, "batches_per_step", 1) if {"seg", "cls"} <= set(tasks) else 1
+    every_batch = as_bool(stage.get("step_every_batch", False), "step_every_batch")
+    joint = {"seg", "cls"} <= set(stage["tasks"]) and not every_batch
+    return getattr(loader, "batches_per_step", 1) if joint else 1
 
 
 def validation_loader(brats: Any, kaggle: Any) -> Any:
