@@ -56,13 +56,15 @@ def _joint_trainer(
 
     from scripts.engines import MultiTaskBatch
     from scripts.handlers import BratsGradientCarry
-    from scripts.loaders import AlternatingLoader, batches_per_step
+    from scripts.loaders import AlternatingLoader, batches_per_step, carried_batches
     from scripts.losses import MultiTaskLoss, classification_loss
 
     stage = {"tasks": ["seg", "cls"], "step_every_batch": every_batch}
     loader = AlternatingLoader(batches, kaggle_batches, kaggle_steps=len(kaggle_batches) // len(batches))
     steps = batches_per_step(loader, stage)
-    loss = MultiTaskLoss(DiceFocalLoss(sigmoid=True), classification_loss("focal"), cls_weight, steps)
+    loss = MultiTaskLoss(
+        DiceFocalLoss(sigmoid=True), classification_loss("focal"), cls_weight, steps, carried_batches(loader, stage)
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     trainer = SupervisedTrainer(
         device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=model, optimizer=optimizer,
@@ -133,7 +135,7 @@ def test_the_accumulated_update_is_the_gradient_of_the_designs_loss() -> None:
 
 
 def test_only_a_stage_that_trains_both_tasks_accumulates_its_cycle() -> None:
-    from scripts.loaders import AlternatingLoader, batches_per_step
+    from scripts.loaders import AlternatingLoader, batches_per_step, carried_batches
 
     brats, kaggle = _tiny_batches()
     loader = AlternatingLoader(brats, kaggle, kaggle_steps=3)
@@ -144,12 +146,15 @@ def test_only_a_stage_that_trains_both_tasks_accumulates_its_cycle() -> None:
     assert batches_per_step(brats, joint) == 1, "BraTS alone: nothing to accumulate"
     assert batches_per_step(AlternatingLoader(brats, [], kaggle_steps=3), joint) == 1
     assert batches_per_step(loader, {**joint, "step_every_batch": "true"}) == 1, "a step per batch, when asked"
+    assert carried_batches(loader, {**joint, "step_every_batch": True}) == 4, "the BraTS gradient goes into 4 updates"
+    assert carried_batches(loader, joint) == 1
 
 
 def test_a_step_per_batch_carries_the_brats_gradient_into_every_kaggle_update() -> None:
     # step_every_batch: four updates for a BraTS batch and its three Kaggle batches; each Kaggle update is the BraTS
-    # batch's gradient (L_seg + lambda * its L_cls) plus lambda times that Kaggle batch's, all computed by hand at
-    # the same weights (learning rate 0, so that the weights stay where the hand computation has them).
+    # batch's gradient (L_seg + lambda * its L_cls / 4: its slices count once over the four updates) plus lambda
+    # times that Kaggle batch's, all computed by hand at the same weights (learning rate 0, so that the weights stay
+    # where the hand computation has them).
     from monai.losses import DiceFocalLoss
 
     from scripts.losses import classification_loss
@@ -168,7 +173,8 @@ def test_a_step_per_batch_carries_the_brats_gradient_into_every_kaggle_update() 
         return torch.cat([p.grad.flatten().clone() for p in model.encoder.parameters()])
 
     out = model(brats[0]["image"], domain=0)
-    g_b = encoder_gradient(seg_loss(out["seg"], brats[0]["label"]) + cls_weight * cls_loss(out["cls"], brats[0]["cls"]))
+    brats_cls = cls_weight * cls_loss(out["cls"], brats[0]["cls"]) / (1 + len(kaggle))
+    g_b = encoder_gradient(seg_loss(out["seg"], brats[0]["label"]) + brats_cls)
     expected = [g_b] + [
         g_b + encoder_gradient(cls_weight * cls_loss(model(b["image"], do_seg=False, domain=1)["cls"], b["cls"]))
         for b in kaggle

@@ -181,9 +181,10 @@ class BratsGradientCarry:
 
     The accumulated joint step gives the encoder one update per cycle (a BraTS batch and its Kaggle batches), where
     the cls-only baseline gets one per batch. With this handler the trainer steps on every batch: the BraTS batch's
-    gradient (``L_seg + lambda * L_cls`` of its slices) is kept after its backward pass and added to the gradient of
-    each Kaggle batch after it, so that every update follows the BraTS batch's loss plus ``lambda`` times that Kaggle
-    batch's, at the cost of reusing the BraTS gradient as the weights move within the cycle. MONAI's
+    gradient (``L_seg`` plus ``lambda * L_cls`` of its slices divided by the cycle's batches, so that they count
+    once: :class:`scripts.losses.MultiTaskLoss`'s ``carried_batches``) is kept after its backward pass and added to
+    the gradient of each Kaggle batch after it, so that every update holds the segmentation's gradient, at the cost
+    of reusing it as the weights move within the cycle. MONAI's
     ``SupervisedTrainer`` can sum a cycle into one update (``accumulation_steps``) but not reuse one batch's gradient.
 
     Args:

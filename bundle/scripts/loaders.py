@@ -139,9 +139,19 @@ def batches_per_step(loader: Any, stage: Mapping[str, Any]) -> int:
     (:class:`scripts.handlers.BratsGradientCarry`). A stage with one task has no other task's gradient to keep in its
     updates: each batch is its own step, as the single-task baselines train.
     """
-    every_batch = as_bool(stage.get("step_every_batch", False), "step_every_batch")
-    joint = {"seg", "cls"} <= set(stage["tasks"]) and not every_batch
+    joint = {"seg", "cls"} <= set(stage["tasks"]) and not _every_batch(stage)
     return getattr(loader, "batches_per_step", 1) if joint else 1
+
+
+def carried_batches(loader: Any, stage: Mapping[str, Any]) -> int:
+    """The updates that carry a BraTS batch's gradient: its cycle's batches when the stage steps on every batch
+    (``step_every_batch``), else 1."""
+    joint = {"seg", "cls"} <= set(stage["tasks"]) and _every_batch(stage)
+    return getattr(loader, "batches_per_step", 1) if joint else 1
+
+
+def _every_batch(stage: Mapping[str, Any]) -> bool:
+    return as_bool(stage.get("step_every_batch", False), "step_every_batch")
 
 
 def validation_loader(brats: Any, kaggle: Any) -> Any:

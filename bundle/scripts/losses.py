@@ -24,19 +24,24 @@ class MultiTaskLoss(nn.Module):
         cls_loss: loss on classification logits (B, C) and class indices (B,).
         cls_weight: lambda, the weight of the classification term.
         batches_per_step: the trainer's ``accumulation_steps`` (1 when every batch is its own step).
+        carried_batches: the updates a BraTS batch's gradient goes into (``step_every_batch``: its cycle,
+            :class:`scripts.handlers.BratsGradientCarry`); its classification term is divided by it, so that its
+            slices count once in the cycle's updates, as each Kaggle batch's images do.
 
     ``forward`` returns the batch's share of the step's loss; its unweighted terms stay in :attr:`terms` (detached)
     for logging.
     """
 
     def __init__(
-        self, seg_loss: nn.Module, cls_loss: nn.Module, cls_weight: float = 1.0, batches_per_step: int = 1
-    ) -> None:
+        self, seg_loss: nn.Module, cls_loss: nn.Module, cls_weight: float = 1.0, batches_per_step: int = 1,
+        carried_batches: int = 1,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.seg_loss = seg_loss
         self.cls_loss = cls_loss
         self.cls_weight = float(cls_weight)
         self.batches_per_step = int(batches_per_step)
+        self.carried_batches = int(carried_batches)
         self.terms: dict[str, torch.Tensor] = {}
 
     def forward(self, outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -48,7 +53,7 @@ class MultiTaskLoss(nn.Module):
         if "cls" in outputs:
             terms["cls_loss"] = self.cls_loss(outputs["cls"].float(), targets["cls"])
             weighted = self.cls_weight * terms["cls_loss"]
-            total = weighted if total is None else total + weighted
+            total = weighted if total is None else total + weighted / self.carried_batches
         if total is None:
             raise ValueError("MultiTaskLoss got no output to score: the network ran no task.")
         self.terms = {name: value.detach() for name, value in terms.items()}
