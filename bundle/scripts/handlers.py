@@ -184,8 +184,9 @@ class BratsGradientCarry:
     gradient (``L_seg`` plus ``lambda * L_cls`` of its slices divided by the cycle's batches, so that they count
     once: :class:`scripts.losses.MultiTaskLoss`'s ``carried_batches``) is kept after its backward pass and added to
     the gradient of each Kaggle batch after it, so that every update holds the segmentation's gradient, at the cost
-    of reusing it as the weights move within the cycle. MONAI's
-    ``SupervisedTrainer`` can sum a cycle into one update (``accumulation_steps``) but not reuse one batch's gradient.
+    of reusing it as the weights move within the cycle (and, with ``amp``'s gradient scaler, at the loss scale of its
+    own batch). MONAI's ``SupervisedTrainer`` can sum a cycle into one update (``accumulation_steps``) but not reuse
+    one batch's gradient.
 
     Args:
         network: the trained network (unwrapped from DistributedDataParallel).
