@@ -67,6 +67,11 @@ def run_stage(args: list[str], stage: int, parent_run_id: str, processes: int) -
 
 
 def main(args: list[str]) -> int:
+    if not args or any(arg in ("-h", "--help") for arg in args):
+        print(__doc__)
+        return 0
+    if not any(arg == "--config_file" or arg.startswith("--config_file=") for arg in args):
+        raise SystemExit(f"scripts/train.py needs --config_file (the bundle's train.yaml and a preset):\n{__doc__}")
     if any(arg == "--stage" or arg.startswith("--stage=") for arg in args):
         raise SystemExit(
             "scripts/train.py trains every stage of the config's pipeline; to train one stage, run "

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, TRAIN, bundle_run, pipeline_run
+from conftest import TINY_OVERRIDES, TRAIN, bundle_run, pipeline_run, run_cli
 
 from scripts.errors import UsageError
 from scripts.stage_checkpoints import StageCheckpoints, epoch_checkpoints
@@ -171,3 +172,11 @@ def test_publishing_describes_the_network_in_the_bundle_it_ships(tmp_path: Path,
     assert written["postprocessing"] == {"min_lesion_voxels": 0}
     assert written["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
     assert torch.equal(torch.load(bundle / "models" / "model.pt")["w"], torch.ones(2))
+
+
+def test_the_pipeline_launcher_explains_itself_instead_of_a_traceback() -> None:
+    shown = run_cli([sys.executable, "scripts/train.py", "--help"])
+    assert "Train every stage of the bundle's pipeline" in shown.stdout and "Traceback" not in shown.stderr
+    missing = run_cli([sys.executable, "scripts/train.py", "--dataset_dir", "data/prepared"], check=False)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "needs --config_file" in missing.stderr
