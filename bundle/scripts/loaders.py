@@ -139,15 +139,18 @@ def batches_per_step(loader: Any, stage: Mapping[str, Any]) -> int:
     (:class:`scripts.handlers.BratsGradientCarry`). A stage with one task has no other task's gradient to keep in its
     updates: each batch is its own step, as the single-task baselines train.
     """
-    joint = {"seg", "cls"} <= set(stage["tasks"]) and not _every_batch(stage)
-    return getattr(loader, "batches_per_step", 1) if joint else 1
+    return 1 if _every_batch(stage) else _joint_cycle(loader, stage)
 
 
 def carried_batches(loader: Any, stage: Mapping[str, Any]) -> int:
     """The updates that carry a BraTS batch's gradient: its cycle's batches when the stage steps on every batch
     (``step_every_batch``), else 1."""
-    joint = {"seg", "cls"} <= set(stage["tasks"]) and _every_batch(stage)
-    return getattr(loader, "batches_per_step", 1) if joint else 1
+    return _joint_cycle(loader, stage) if _every_batch(stage) else 1
+
+
+def _joint_cycle(loader: Any, stage: Mapping[str, Any]) -> int:
+    """The batches of one cycle of a stage that trains both tasks on an :class:`AlternatingLoader`, else 1."""
+    return getattr(loader, "batches_per_step", 1) if {"seg", "cls"} <= set(stage["tasks"]) else 1
 
 
 def _every_batch(stage: Mapping[str, Any]) -> bool:

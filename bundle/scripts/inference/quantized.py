@@ -15,6 +15,7 @@ On the full preset's network the fast path took 29.0 s per volume in int8 agains
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -130,8 +131,10 @@ def _upsampling(state: Mapping[str, torch.Tensor], prefix: str) -> nn.Sequential
     return nn.Sequential(conv, nn.PixelShuffle(size))
 
 
+@functools.cache
 def _quantize_fx() -> ModuleType:
-    """``torch.ao.quantization.quantize_fx``, imported without leaving freed operators in TorchScript's builtins.
+    """``torch.ao.quantization.quantize_fx``, imported without leaving freed operators in TorchScript's builtins
+    (once per process: the import is what frees them).
 
     Why: importing it defines more ``quantized_decomposed`` overloads through ``torch.library``, which swaps the
     function behind an existing operator packet; TorchScript's table of builtins, keyed by ``id()``, keeps the freed
