@@ -58,7 +58,7 @@ class BrainTumourApp(Application):
 
     name = "brain-tumour-multitask"
     description = "Whole-tumour segmentation and tumour / no-tumour classification of brain MRI"
-    version = "0.6.1"
+    version = "0.6.2"
 
     def __init__(self, *args, **kwargs) -> None:
         self.logger = logging.getLogger(f"{__name__}.{type(self).__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import hashlib
 import json
@@ -72,6 +73,78 @@ def test_bundle_has_the_model_zoo_layout() -> None:
     tracked = run_cli(["git", "ls-files", "bundle"]).stdout.split()
     assert not [path for path in tracked if path.startswith("bundle/models/")], "weights are build outputs"
     assert all((REPO_ROOT / path).stat().st_size < 1_000_000 for path in tracked)
+
+
+def _bundle_modules() -> dict[str, Path]:
+    """The bundle's Python package by module name (``scripts.data.volumes``; a package by its own name)."""
+    modules = {}
+    for path in sorted((BUNDLE_ROOT / "scripts").rglob("*.py")):
+        parts = path.relative_to(BUNDLE_ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _imported_modules(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The bundle modules ``name`` imports anywhere in its code (a function's late import included), except under
+    ``if TYPE_CHECKING`` (annotations only, never run)."""
+    tree = ast.parse(path.read_text())
+    annotations_only = {
+        id(node)
+        for branch in ast.walk(tree)
+        if isinstance(branch, ast.If) and "TYPE_CHECKING" in ast.unparse(branch.test)
+        for node in ast.walk(branch)
+    }
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in annotations_only:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
+            found.update(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names)
+    return {module for module in found if module in modules and module != name}
+
+
+def test_the_bundle_package_has_no_import_cycle() -> None:
+    modules = _bundle_modules()
+    graph = {name: _imported_modules(name, path, modules) for name, path in modules.items()}
+    assert "scripts.handlers" in graph["scripts.stage_checkpoints"]  # the walk sees relative imports
+    cycles, state = [], {}
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = "open"
+        for imported in sorted(graph[name]):
+            if state.get(imported) == "open":
+                cycles.append(" -> ".join([*path[path.index(imported) :], imported]))
+            elif imported not in state:
+                visit(imported, [*path, imported])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles
+
+
+# Modules with no MONAI counterpart (errors, files, output names), and the network's parts, whose package
+# (scripts.networks) says why the network is not MONAI's.
+_NO_MONAI_COUNTERPART = {"scripts.errors", "scripts.files", "scripts.inference.names"}
+
+
+def test_every_module_of_the_bundle_says_why_monai_does_not_do_its_job() -> None:
+    silent = [
+        name
+        for name, path in _bundle_modules().items()
+        if name not in _NO_MONAI_COUNTERPART
+        and not name.startswith("scripts.networks.")
+        and "MONAI" not in (ast.get_docstring(ast.parse(path.read_text())) or "")
+    ]
+    assert not silent, f"module docstrings without a word on MONAI: {silent}"
 
 
 def _workflow(config_files: list[str], workflow_type: str, dataset_dir: Path, **overrides) -> ConfigWorkflow:

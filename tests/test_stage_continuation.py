@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from scripts.errors import UsageError
-from scripts.handlers import OptimizerContinuation
 from scripts.networks import create_multi_task_model
+from scripts.stage_checkpoints import OptimizerContinuation
 from scripts.stages import learning_rate_schedule, parameter_groups
 
 STEPS = 5  # iterations per epoch

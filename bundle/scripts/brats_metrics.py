@@ -54,6 +54,9 @@ Sources: ``brats_evaluation/configs/config_gli.yaml`` and ``metrics_parser.py`` 
 panoptica 2.1.7 (``instance_approximator.py``, ``instance_matcher.py``, ``panoptica_result.py``,
 ``utils/edge_case_handling.py``); rachitsaluja/BraTS-2023-Metrics ``eval.py``; Kofler et al., "Panoptica --
 instance-wise evaluation of 3D semantic and instance segmentation maps", arXiv:2312.02608.
+
+Why not MONAI's ``DiceMetric`` / ``HausdorffDistanceMetric``: they score the whole mask; BraTS pairs connected
+components as lesions and has its own edge-case rules, which MONAI does not implement.
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -124,56 +123,6 @@ class WeightAverage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.average is not None and state:
             self.average.load_state_dict(state)
-
-
-class OptimizerContinuation:
-    """At the start of a stage with ``continues: N``, the encoder's and decoder's AdamW state of stage N's last
-    epoch (its ``checkpoint_epoch=*.pt``), so that they carry on stage N's optimisation (see
-    :func:`scripts.stages.learning_rate_schedule`). A resumed stage then loads its own state over it. MONAI's
-    CheckpointLoader loads a whole optimizer, not the parameters that two stages share.
-
-    Args:
-        optimizer: the stage's optimizer.
-        network: the trained network (unwrapped from DistributedDataParallel).
-        stage: the stage's settings.
-        stages: the config's ``stages`` table.
-        checkpoint_dir: this stage's folder (``<ckpt_dir>/<variant>/stage<N>``); the stage it continues is beside it.
-    """
-
-    def __init__(
-        self, optimizer: Any, network: nn.Module, stage: dict[str, Any], stages: dict[str, Any], checkpoint_dir: str
-    ) -> None:
-        self.optimizer, self.network, self.stage, self.stages = optimizer, network, stage, stages
-        self.variant_dir = os.path.dirname(str(checkpoint_dir))
-
-    def attach(self, trainer: Any) -> None:
-        if self.stage.get("continues"):
-            trainer.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, _: Any = None) -> None:
-        from .stage_checkpoints import epoch_checkpoints  # it imports this module
-        from .stages import CARRIED_GROUPS, parameter_names
-
-        earlier = str(self.stage["continues"])
-        found = epoch_checkpoints(os.path.join(self.variant_dir, f"stage{earlier}"))
-        if not found:
-            raise UsageError(f"stage {earlier} has no checkpoint_epoch=*.pt in {self.variant_dir}: nothing to continue")
-        saved = torch.load(found[-1], map_location="cpu", weights_only=False)["optimizer"]
-        then = parameter_names(self.network, self.stages[earlier]["trainable"])
-        by_name = dict(self.network.named_parameters())
-        groups = {id(p): group.get("name") for group in self.optimizer.param_groups for p in group["params"]}
-        moved = 0
-        for index, state in saved["state"].items():
-            name = then[int(index)]
-            parameter = by_name[name]
-            if groups.get(id(parameter)) in CARRIED_GROUPS:
-                self.optimizer.state[parameter] = {k: v.to(parameter.device) if torch.is_tensor(v) else v
-                                                   for k, v in state.items()}  # fmt: skip
-                moved += 1
-        print(
-            f"Encoder and decoder carry on stage {earlier}'s optimizer state ({moved} parameters, {found[-1]}).",
-            flush=True,
-        )
 
 
 class BratsGradientCarry:

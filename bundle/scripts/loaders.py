@@ -1,4 +1,8 @@
-"""Data loaders that feed one engine from two sources: BraTS slices and Kaggle images."""
+"""Data loaders that feed one engine from two sources: BraTS slices and Kaggle images.
+
+Why not one MONAI ``DataLoader``: it reads one dataset, and a step here is one BraTS batch and the Kaggle batches
+after it, from two datasets with their own transforms.
+"""
 
 from __future__ import annotations
 

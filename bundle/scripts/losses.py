@@ -1,4 +1,8 @@
-"""Losses that combine the tasks, and class weights for the classification loss."""
+"""Losses that combine the tasks, and class weights for the classification loss.
+
+Why not MONAI's ``DiceFocalLoss`` / ``FocalLoss`` alone: they do the scoring here, but ``SupervisedTrainer`` takes
+one loss, and a two-output network needs the tasks' terms summed and weighted.
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ Where it is stored: the bundle's own model (``models/model.pt``) in ``metadata.j
 baseline's ``models/<variant>/model.pt``) in ``postprocessing.json`` beside it. The record names the weights it was
 chosen for (sha256): publishing other weights resets the bundle's to 0, and the evaluation ignores a choice made
 for other weights.
+
+Why not MONAI: its ``RemoveSmallObjects`` removes components (:mod:`scripts.data.lesions`), but choosing the size
+per model and storing it with the weights is not in MONAI.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas, never through ``pyplot``: no
 global backend switch, no display needed, and no figure left open in a long-running process.
+
+Why not MONAI: it has no evaluation report; its metrics are computed in :mod:`scripts.evaluation`.
 """
 
 from __future__ import annotations

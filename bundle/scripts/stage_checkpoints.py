@@ -16,6 +16,9 @@ files on disk belong to this run. The rules, checked before any data is read (:m
   stops, saying what differs and the two ways out (``--restart true``, or another ``--ckpt_dir``);
 - a finished stage asked for the same epochs has nothing to train; for more epochs it continues with its
   learning-rate schedule stretched to the new end; for fewer it is refused.
+
+A stage that ``continues`` another also takes that stage's optimizer state for the parts they share
+(:class:`OptimizerContinuation`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader
+from torch import nn
 
 from .datasets import check_prepared, data_digest
 from .errors import UsageError
@@ -41,6 +45,7 @@ from .flags import as_bool
 from .handlers import AtomicCheckpointSaver
 from .networks.checkpoints import is_bundle_model
 from .postprocessing import forget_stale_choice
+from .stages import CARRIED_GROUPS, parameter_names
 from .tracking import flatten_settings
 
 RECORD = "stage.json"
@@ -345,3 +350,50 @@ def _read_json(path: str) -> Any:
         return None
     with open(path) as file:
         return json.load(file)
+
+
+class OptimizerContinuation:
+    """At the start of a stage with ``continues: N``, the encoder's and decoder's AdamW state of stage N's last
+    epoch (its ``checkpoint_epoch=*.pt``), so that they carry on stage N's optimisation (see
+    :func:`scripts.stages.learning_rate_schedule`). A resumed stage then loads its own state over it. MONAI's
+    CheckpointLoader loads a whole optimizer, not the parameters that two stages share.
+
+    Args:
+        optimizer: the stage's optimizer.
+        network: the trained network (unwrapped from DistributedDataParallel).
+        stage: the stage's settings.
+        stages: the config's ``stages`` table.
+        checkpoint_dir: this stage's folder (``<ckpt_dir>/<variant>/stage<N>``); the stage it continues is beside it.
+    """
+
+    def __init__(
+        self, optimizer: Any, network: nn.Module, stage: dict[str, Any], stages: dict[str, Any], checkpoint_dir: str
+    ) -> None:
+        self.optimizer, self.network, self.stage, self.stages = optimizer, network, stage, stages
+        self.variant_dir = os.path.dirname(str(checkpoint_dir))
+
+    def attach(self, trainer: Any) -> None:
+        if self.stage.get("continues"):
+            trainer.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, _: Any = None) -> None:
+        earlier = str(self.stage["continues"])
+        found = epoch_checkpoints(os.path.join(self.variant_dir, f"stage{earlier}"))
+        if not found:
+            raise UsageError(f"stage {earlier} has no checkpoint_epoch=*.pt in {self.variant_dir}: nothing to continue")
+        saved = torch.load(found[-1], map_location="cpu", weights_only=False)["optimizer"]
+        then = parameter_names(self.network, self.stages[earlier]["trainable"])
+        by_name = dict(self.network.named_parameters())
+        groups = {id(p): group.get("name") for group in self.optimizer.param_groups for p in group["params"]}
+        moved = 0
+        for index, state in saved["state"].items():
+            name = then[int(index)]
+            parameter = by_name[name]
+            if groups.get(id(parameter)) in CARRIED_GROUPS:
+                self.optimizer.state[parameter] = {k: v.to(parameter.device) if torch.is_tensor(v) else v
+                                                   for k, v in state.items()}  # fmt: skip
+                moved += 1
+        print(
+            f"Encoder and decoder carry on stage {earlier}'s optimizer state ({moved} parameters, {found[-1]}).",
+            flush=True,
+        )

@@ -3,6 +3,9 @@
 Stage settings live in ``configs/train.yaml`` under ``stages``; this module turns one stage's settings into a
 network with the right parts frozen and the optimizer's parameter groups. Where a stage starts from and resumes is
 ``stage_checkpoints``; running the stages in order is ``scripts/train.py`` (outside the bundle's config).
+
+Why not MONAI's ``WarmupCosineSchedule`` alone: it gives every parameter group one schedule, and a stage that
+``continues`` an earlier one needs another for the encoder and decoder; freezing by stage is the seed's design.
 """
 
 from __future__ import annotations
@@ -88,9 +91,10 @@ def learning_rate_schedule(
 
     With ``continues: N`` the encoder and decoder carry on stage N's optimisation instead of starting a new one: their
     rate follows the rest of stage N's cosine (from where stage N stopped down to 0 over this stage), and
-    :class:`scripts.handlers.OptimizerContinuation` gives them stage N's optimizer state. A joint stage that restarts
-    them at a high rate with a fresh AdamW moves every weight by about the rate per step; the seg-only baseline, one
-    uninterrupted schedule, never does. Their groups' rate should then be stage N's (``lr * encoder_lr_factor``).
+    :class:`scripts.stage_checkpoints.OptimizerContinuation` gives them stage N's optimizer state. A joint stage that
+    restarts them at a high rate with a fresh AdamW moves every weight by about the rate per step; the seg-only
+    baseline, one uninterrupted schedule, never does. Their groups' rate should then be stage N's
+    (``lr * encoder_lr_factor``).
     """
     epochs = float(stage["epochs"])
     total = max(int(float(stage.get("schedule_epochs") or epochs) * steps_per_epoch), 1)

@@ -8,6 +8,9 @@ The layout users download (Nickparvar's Kaggle set) is::
 Preprocessing turns every image into one grey channel, pads it to a square and resizes it, so that neither colour
 nor the original size or aspect ratio (both correlate with the class in this data set) survive as a cue, then
 z-scores the foreground.
+
+Why not MONAI's ``LoadImage``: the Deploy app shares this code without MONAI core, and a scan that names each file
+at fault before work starts is not a reader's job.
 """
 
 from __future__ import annotations

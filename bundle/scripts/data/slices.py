@@ -5,6 +5,9 @@ anterior to posterior, columns from the patient's right to left), i.e. how axial
 Kaggle-style 2D images used in stage 3 look. :func:`to_display_plane` / :func:`from_display_plane` convert
 between a RAS ``(..., X, Y)`` slice and that ``(..., H, W) = (..., Y, X)`` view; :func:`slices_to_volume` undoes
 everything :func:`extract_slices` does to a slice, so predictions land on the volume's RAS grid.
+
+Why not MONAI's ``Resize`` / ``NormalizeIntensity``: the Deploy app runs this same path without MONAI core, and
+its inverse (:func:`slices_to_volume`) must undo exactly what it did.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ of one subject. BraTS 2023 and later name a case ``BraTS-GLI-00000-001``: subjec
 ``001``; earlier releases (``BraTS20_Training_001``, ``BraTS2021_00000``) and MSD Task01 (``BRATS_001``) hold one
 case per subject. The Kaggle set is dealt by duplicate group. The training / validation / test split itself is made
 once, when the data are prepared (``scripts/dataset_splits.py`` at the repository root, by the same units).
+
+Why not MONAI's ``partition_dataset_classes``: it deals items one by one, so slices of one subject and copies of one
+image would land in different folds.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ Supported layouts (exact folder and file names):
 
 BraTS 2020/2021 folders may hold either ``.nii`` or ``.nii.gz`` files. macOS ``._*`` and ``.DS_Store`` files are
 ignored everywhere. Modalities always use the canonical names ``flair``, ``t1``, ``t1ce``, ``t2``.
+
+Why not MONAI's ``LoadImaged``: it reads files it is given; finding a case's files in four release layouts, checking
+them (complete, finite, one grid) and naming the file at fault before any work starts is not its job, and the Deploy
+app reads volumes without MONAI core.
 """
 
 from __future__ import annotations

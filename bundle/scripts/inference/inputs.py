@@ -12,6 +12,9 @@ Other files (``name_mapping.csv``, ``dataset.json``, notes), hidden entries and 
 (:mod:`.names`) are skipped; a loose NIfTI named like a ground truth (``*_seg``, ``*-seg``) is refused rather than
 read as an image. Every problem found is reported at once, one line per file. Outputs go outside every input tree,
 so that no prediction can replace or shadow an input.
+
+Why not MONAI's ``LoadImage``: it reads a file it is given; finding inputs in the layouts users have and refusing
+ground truths before any work starts is not its job.
 """
 
 from __future__ import annotations

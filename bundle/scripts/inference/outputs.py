@@ -3,6 +3,9 @@
 Files are written into a hidden staging folder inside the output folder and renamed into place only when the whole
 run succeeded (a rename within one file system is atomic), so a failure never leaves a partial file, nor some
 outputs of a run that looks complete.
+
+Why not MONAI's ``SaveImage``: it writes each file as it comes, so a failed run would leave some outputs behind; the
+Deploy app also writes through this module without MONAI core.
 """
 
 from __future__ import annotations

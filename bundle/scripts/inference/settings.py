@@ -1,4 +1,8 @@
-"""What inference must know to reproduce the training preprocessing, and how to read it from a config."""
+"""What inference must know to reproduce the training preprocessing, and how to read it from a config.
+
+Why not MONAI's ``ConfigParser``: the Deploy app reads the configs that ``ckpt_export`` embeds in ``model.ts``
+without MONAI core, so only plain values and ``@_meta_`` references are read here.
+"""
 
 from __future__ import annotations
 

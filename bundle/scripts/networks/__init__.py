@@ -1,4 +1,8 @@
-"""The multi-task U-Net: a shared encoder, a segmentation decoder and a classification head."""
+"""The multi-task U-Net: a shared encoder, a segmentation decoder and a classification head.
+
+Why not MONAI's ``BasicUNet``: it has no classification head, does not expose its encoder's features, and has no
+BatchNorm per image domain; the seed's public names, do_seg/do_cls flags and freeze/unfreeze are kept.
+"""
 
 from .blocks import DoubleConv, DownBlock, UpBlock
 from .checkpoints import (

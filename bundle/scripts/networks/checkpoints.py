@@ -1,5 +1,9 @@
 """Loading weights across the multi-task model and the plain segmentation U-Net, and checking that a model file fits
-the network a config builds."""
+the network a config builds.
+
+Why not MONAI's ``CheckpointLoader`` alone: it loads a state dict as saved; moving weights between the multi-task
+model and the plain U-Net, and naming the settings that differ when a file does not fit, is not in it.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ BatchNorm running statistics fits neither: trained on alternating batches, the a
 domains and evaluation, which uses them, sees features unlike any it trained on. :class:`DomainBatchNorm2d` keeps
 one set of statistics per domain and shares the learnt scale and shift (domain-specific BatchNorm, Chang et al.,
 CVPR 2019), so the parameter count does not change; every normalisation layer takes the domain of its batch.
+
+Why not MONAI's ``Norm`` factory: it has no BatchNorm that keeps statistics per image domain.
 """
 
 from __future__ import annotations
