@@ -205,6 +205,32 @@ def test_evaluate_and_multi_gpu_workflow_properties(
         ignite.distributed.sync()  # ignite forgets the process group, so later tests save as one process again
 
 
+def _expressions(node: object) -> list[str]:
+    """Every ``$`` expression of a loaded config, however deep."""
+    if isinstance(node, dict):
+        return [text for value in node.values() for text in _expressions(value)]
+    if isinstance(node, list):
+        return [text for value in node for text in _expressions(value)]
+    return [node] if isinstance(node, str) and node.startswith("$") else []
+
+
+# ``@stage`` compared, or inside a conditional (``@stages``, ``@stage_spec`` are other items).
+_BRANCH_ON_STAGE = re.compile(r"@stage\b(?!_)\s*(==|!=|<|>|in\b)|\bif\b.*@stage\b(?!_)")
+
+
+def test_train_config_reads_as_a_pipeline() -> None:
+    """train.yaml keeps the pipeline in its items, not in Python written inside strings: at most 30 expressions,
+    none over 120 characters, and none that branches on the stage (the stages table says what differs)."""
+    import yaml
+
+    expressions = _expressions(yaml.safe_load((REPO_ROOT / TRAIN).read_text()))
+    assert 10 < len(expressions) <= 30
+    assert max(map(len, expressions)) <= 120, max(expressions, key=len)
+    branching = [text for text in expressions if _BRANCH_ON_STAGE.search(text)]
+    assert not branching, branching
+    assert _BRANCH_ON_STAGE.search("$0.1 if @stage == 3 else 1.0")  # the pattern finds what it is for
+
+
 def test_multi_gpu_config_holds_overrides_only() -> None:
     import yaml
 
