@@ -144,14 +144,23 @@ def _quantize_fx() -> ModuleType:
     from torch.ao.quantization import quantize_fx
 
     table = torch.jit._builtins._get_builtin_table()
-    for address, qualified_name in list(table.items()):
+    for address in stale_builtins():
+        del table[address]
+    return quantize_fx
+
+
+def stale_builtins() -> dict[int, str]:
+    """Entries of TorchScript's table of builtins whose operator packet now holds another function (address ->
+    qualified name): what :func:`_quantize_fx` removes."""
+    stale = {}
+    for address, qualified_name in torch.jit._builtins._get_builtin_table().items():
         namespace, _, name = qualified_name.partition("::")
         if namespace in ("aten", "prim"):  # these also name Python functions (torch.add is aten::add)
             continue
         packet = getattr(getattr(torch.ops, namespace), name, None)
         if packet is not None and id(packet._op) != address:
-            del table[address]
-    return quantize_fx
+            stale[address] = qualified_name
+    return stale
 
 
 def _qconfig_mapping() -> object:
