@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -24,6 +27,29 @@ if str(BUNDLE_ROOT) not in sys.path:
 # The data preparation's own modules (dataset_splits, kaggle_duplicates), beside scripts/prepare_data.py.
 if str(REPO_ROOT / "scripts") not in sys.path:
     sys.path.append(str(REPO_ROOT / "scripts"))
+
+
+def _shipped_metadata() -> Path:
+    """bundle/configs/metadata.json as the repository ships it (git's HEAD), in a folder of this process's own.
+
+    Training rewrites the working file to describe the weights it published (``bash scripts/demo.sh``: its
+    network_settings and its post-processing), and those are not the tests' models: tests that export or run
+    inference with a model of their own read this copy, so that they pass after the demo too. Without git (a source
+    archive) the working file is taken as it is.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="shipped_metadata_"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / "metadata.json"
+    shipped = subprocess.run(
+        ["git", "show", "HEAD:bundle/configs/metadata.json"], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    working = BUNDLE_ROOT / "configs" / "metadata.json"
+    path.write_text(shipped.stdout if shipped.returncode == 0 else working.read_text())
+    return path
+
+
+SHIPPED_METADATA = _shipped_metadata()
+
 
 # Tiny settings that let a real bundle run finish in seconds on 2 CPU cores.
 TINY_SIZE = 32

@@ -106,8 +106,8 @@ def bundle_outputs(model: TinyModel, volumes: Path, tmp_path_factory: pytest.Tem
     output = tmp_path_factory.mktemp("deploy_bundle") / "out"
     run_tool([
         sys.executable, "-m", "monai.bundle", "run", "--config_file", repr([INFERENCE, str(model.preset)]),
-        "--bundle_root", "bundle", "--dataset_dir", str(volumes), "--output_dir", str(output),
-        "--model_file", str(model.torchscript),
+        "--meta_file", str(METADATA), "--bundle_root", "bundle", "--dataset_dir", str(volumes),
+        "--output_dir", str(output), "--model_file", str(model.torchscript),
     ])  # fmt: skip
     return output
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import BUNDLE_ROOT, REPO_ROOT, TINY_SIZE
+from conftest import BUNDLE_ROOT, REPO_ROOT, SHIPPED_METADATA, TINY_SIZE
 from monai.bundle import ConfigWorkflow
 from PIL import Image
 from test_export import TinyModel, run_tool, tiny_model
@@ -62,11 +62,12 @@ def inputs(synthetic_small: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 def _run(model: TinyModel, inputs: Path, output: Path, *extra: str, bundle: Path = BUNDLE_ROOT, check: bool = True):
     config = bundle / "configs" / "inference.yaml"
+    metadata = SHIPPED_METADATA if bundle == BUNDLE_ROOT else bundle / "configs" / "metadata.json"
     return run_tool(
         [
             sys.executable, "-m", "monai.bundle", "run", "--config_file", repr([str(config), str(model.preset)]),
-            "--bundle_root", str(bundle), "--dataset_dir", str(inputs), "--output_dir", str(output),
-            "--ckpt_dir", str(model.ckpt_dir), *extra,
+            "--meta_file", str(metadata), "--bundle_root", str(bundle), "--dataset_dir", str(inputs),
+            "--output_dir", str(output), "--ckpt_dir", str(model.ckpt_dir), *extra,
         ],
         check=check,
     )  # fmt: skip
@@ -100,13 +101,17 @@ def _direct_volume(model: TinyModel, case: VolumeCase) -> tuple[np.ndarray, np.n
 
 
 @pytest.mark.parametrize("presets", [[], ["configs/demo.yaml"]])
-def test_the_training_presets_layer_over_the_inference_config(presets: list[str], inputs: Path) -> None:
-    # As the README's commands do: the preset a model was trained with goes after inference.yaml.
+def test_the_training_presets_layer_over_the_inference_config(presets: list[str], inputs: Path, tmp_path: Path) -> None:
+    # As the README's commands do: the preset a model was trained with goes after inference.yaml. The bundle as
+    # shipped: its metadata.json, and no model.pt (the demo's would not fit the presets).
     workflow = ConfigWorkflow(
         config_file=[str(BUNDLE_ROOT / "configs" / "inference.yaml"), *(str(REPO_ROOT / p) for p in presets)],
+        meta_file=str(SHIPPED_METADATA),
         workflow_type="infer",
         bundle_root=str(BUNDLE_ROOT),
         dataset_dir=str(inputs),
+        metadata_file=str(SHIPPED_METADATA),
+        ckpt_dir=str(tmp_path),
     )
     workflow.initialize()
     assert workflow.check_properties() == []
@@ -206,6 +211,7 @@ def test_model_ts_alone_runs_without_the_training_code(model: TinyModel, inputs:
     bundle = tmp_path / "bundle"
     (bundle / "scripts").mkdir(parents=True)
     shutil.copytree(BUNDLE_ROOT / "configs", bundle / "configs", ignore=shutil.ignore_patterns("train.yaml", "eval*"))
+    shutil.copy(SHIPPED_METADATA, bundle / "configs" / "metadata.json")  # as shipped, like `outputs`
     for module in ("__init__.py", "errors.py", "flags.py"):
         shutil.copy(BUNDLE_ROOT / "scripts" / module, bundle / "scripts")
     for package in ("data", "inference"):
